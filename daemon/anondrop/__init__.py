@@ -1,0 +1,3 @@
+"""anondrop: a watched-folder DICOM de-identification daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from anondrop.cli import main
+
+main()
