@@ -1,0 +1,257 @@
+"""The TOML configuration: pydantic models, loading, path resolution and readable errors.
+
+Relative paths resolve against the folder of the config file, so a config and its ``var/`` tree can move
+together. Every error names the key path (``deidentify.options[1]``) and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from anondrop.deid import _ps315
+
+DEFAULT_CONFIG = Path("/etc/anondrop/config.toml")
+ENV_CONFIG = "ANONDROP_CONFIG"
+
+Option = Literal[
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+]
+Action = Literal["X", "Z", "D", "K", "C", "U"]
+_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-fxX]{4})\)?$")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the file, the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    inbox: Path
+    outbox: Path
+    quarantine: Path
+    state: Path
+    done: Path | None = Field(
+        default=None, description="where sources go after success when input.on_success = 'move'"
+    )
+
+
+class Deidentify(_Section):
+    profile: Literal["basic"] = "basic"
+    options: list[Option] = Field(default_factory=list)
+    burned_in_suspect: Literal["quarantine", "deliver"] = "quarantine"
+    key_file: Path | None = None
+    patient_id_format: str = "ANON{digest}"
+    patient_name_format: str = "ANON^{digest}"
+    digest_length: Annotated[int, Field(ge=6, le=32)] = 10
+    date_shift_days: tuple[int, int] = (-3650, -365)
+    rules: dict[str, Action] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        seen = [o for i, o in enumerate(v) if o in v[:i]]
+        if seen:
+            raise ValueError(f"option {seen[0]!r} is listed twice; list each option once")
+        return v
+
+    @field_validator("patient_id_format", "patient_name_format")
+    @classmethod
+    def _has_digest(cls, v: str) -> str:
+        if "{digest}" not in v:
+            raise ValueError("the format must contain {digest}, or every patient would get the same pseudonym")
+        try:
+            v.format(digest="X")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only the field {{digest}} is known here ({exc})") from None
+        return v
+
+    @field_validator("date_shift_days")
+    @classmethod
+    def _shift_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if lo > hi:
+            raise ValueError("give [smallest, largest] number of days, e.g. [-3650, -365]")
+        if lo <= 0 <= hi:
+            raise ValueError("the range must not contain 0, or some patients would keep their real dates")
+        return v
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        from pydicom.datadict import tag_for_keyword
+
+        for key in v:
+            if _TAG_RE.match(key) or tag_for_keyword(key) is not None:
+                continue
+            raise ValueError(
+                f"{key!r} is neither a DICOM keyword (e.g. SeriesDescription) nor a tag like '(0008,103E)'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _dates_exclusive(self) -> Deidentify:
+        if {"retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"} <= set(self.options):
+            raise ValueError(
+                "options retain_longitudinal_full_dates and retain_longitudinal_modified_dates contradict "
+                "each other (keep dates as they are, or shift them): choose one"
+            )
+        return self
+
+
+class Input(_Section):
+    on_success: Literal["delete", "move", "keep"] = "keep"
+    max_zip_entries: Annotated[int, Field(ge=1)] = 100_000
+    max_zip_bytes: Annotated[int, Field(ge=1)] = 64 * 1024**3
+    max_zip_ratio: Annotated[float, Field(gt=1)] = 200.0
+    ignore: list[str] = Field(default_factory=lambda: ["*.part", "*.tmp", "*.crdownload", "*.partial"])
+
+
+class Output(_Section):
+    compression: Literal["stored", "deflate"] = "stored"
+    compresslevel: Annotated[int, Field(ge=0, le=9)] = 6
+
+
+class Processing(_Section):
+    workers: Annotated[int, Field(ge=0)] = 0  # 0: one per CPU
+
+    def worker_count(self) -> int:
+        return self.workers or max(1, os.cpu_count() or 1)
+
+
+class Config(_Section):
+    paths: Paths
+    deidentify: Deidentify = Field(default_factory=Deidentify)
+    input: Input = Field(default_factory=Input)
+    output: Output = Field(default_factory=Output)
+    processing: Processing = Field(default_factory=Processing)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _move_needs_done(self) -> Config:
+        if self.input.on_success == "move" and self.paths.done is None:
+            raise ValueError("input.on_success = 'move' needs paths.done, the folder to move sources to")
+        return self
+
+
+def _known_options() -> None:
+    # The Literal above must list exactly the table's options; a new edition with a new option fails here.
+    from typing import get_args
+
+    if set(get_args(Option)) != set(_ps315.OPTIONS):
+        raise RuntimeError("config.Option is out of step with the generated PS3.15 table")
+
+
+_known_options()
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _explain(exc: ValidationError, source: Path) -> str:
+    lines = [f"{source}: the configuration is not valid:"]
+    for err in exc.errors():
+        where = _loc(tuple(p for p in err["loc"] if p not in ("function-after",)))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or check its spelling against config.example.toml"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"  {where or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve_config_path(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load(path: Path, *, check_folders: bool = True) -> Config:
+    """Read, validate and resolve a config file; raise ConfigError with a readable sentence."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such config file; pass --config PATH or set ${ENV_CONFIG}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+    cfg = _resolve(cfg, path.resolve().parent)
+    cfg = cfg.model_copy(update={"source": path.resolve()})
+    if check_folders:
+        check_paths(cfg)
+    return cfg
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    def r(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    paths = cfg.paths.model_copy(
+        update={k: r(getattr(cfg.paths, k)) for k in ("inbox", "outbox", "quarantine", "state", "done")}
+    )
+    deid = cfg.deidentify.model_copy(update={"key_file": r(cfg.deidentify.key_file)})
+    return cfg.model_copy(update={"paths": paths, "deidentify": deid})
+
+
+def check_paths(cfg: Config) -> None:
+    """The inbox must exist (a typo there would silently watch nothing); the others are created."""
+    src = cfg.source or Path("config")
+    p = cfg.paths
+    if not p.inbox.is_dir():
+        raise ConfigError(f"{src}: paths.inbox: {p.inbox} is not a folder; create it or fix the path")
+    named = {"outbox": p.outbox, "quarantine": p.quarantine, "state": p.state}
+    if p.done is not None:
+        named["done"] = p.done
+    for key, folder in named.items():
+        if folder.resolve() == p.inbox.resolve() or p.inbox.resolve() in folder.resolve().parents:
+            raise ConfigError(
+                f"{src}: paths.{key}: {folder} is inside the inbox; output would be read back as input. "
+                "Put it outside paths.inbox"
+            )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{src}: paths.{key}: cannot create {folder}: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"{src}: paths.{key}: {folder} is not writable by this user")
+    if cfg.deidentify.key_file is not None and not cfg.deidentify.key_file.is_file():
+        raise ConfigError(
+            f"{src}: deidentify.key_file: {cfg.deidentify.key_file} does not exist; create it "
+            "(e.g. head -c 32 /dev/urandom > FILE; chmod 600 FILE) or remove the key to use state/site.key"
+        )
