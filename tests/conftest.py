@@ -1,0 +1,120 @@
+"""Shared fixtures: sample data, config files written for a test, the CLI as a real process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRE_REAL = os.environ.get("ANONDROP_REQUIRE_REAL") == "1"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program; a missing one skips locally but fails in CI (ANONDROP_REQUIRE_REAL=1)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    msg = f"{name} is not installed (apt-get install the package that provides it; .ci/run does)"
+    if REQUIRE_REAL:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def sample(name: str) -> Path:
+    """A file from pydicom's bundled test data, by file name (e.g. 'CT_small.dcm')."""
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom test file {name} not found"
+    return Path(str(path))
+
+
+@dataclass
+class Site:
+    """A throw-away installation: config file plus its folders under one tmp dir."""
+
+    root: Path
+    config: Path
+    inbox: Path
+    outbox: Path
+    quarantine: Path
+    state: Path
+    done: Path
+
+    def write_config(self, extra: str = "", options: list[str] | None = None, profile_extra: str = "") -> Path:
+        opts = ", ".join(f'"{o}"' for o in (options or []))
+        text = textwrap.dedent(
+            f"""\
+            [paths]
+            inbox = "inbox"
+            outbox = "outbox"
+            quarantine = "quarantine"
+            state = "state"
+            done = "done"
+
+            [deidentify]
+            profile = "basic"
+            options = [{opts}]
+            """
+        )
+        text += textwrap.dedent(profile_extra) + "\n" + textwrap.dedent(extra)
+        self.config.write_text(text, encoding="utf-8")
+        return self.config
+
+    def outputs(self) -> list[Path]:
+        return sorted(p for p in self.outbox.rglob("*.zip") if not p.name.startswith("."))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    root = tmp_path / "site"
+    s = Site(
+        root=root,
+        config=root / "anondrop.toml",
+        inbox=root / "inbox",
+        outbox=root / "outbox",
+        quarantine=root / "quarantine",
+        state=root / "state",
+        done=root / "done",
+    )
+    s.inbox.mkdir(parents=True)
+    s.write_config()
+    return s
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    """Run `python -m anondrop ARGS` as a real process, as a user would."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "anondrop", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli() -> Callable[..., CliResult]:
+    return run_cli
+
+
+@pytest.fixture
+def sample_file() -> Iterator[Callable[[str], Path]]:
+    yield sample
