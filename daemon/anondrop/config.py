@@ -76,7 +76,9 @@ class Deidentify(_Section):
     @classmethod
     def _has_digest(cls, v: str) -> str:
         if "{digest}" not in v:
-            raise ValueError("the format must contain {digest}, or every patient would get the same pseudonym")
+            raise ValueError(
+                "the format must contain {digest}, or every patient would get the same pseudonym"
+            )
         try:
             v.format(digest="X")
         except (KeyError, IndexError, ValueError) as exc:
@@ -197,9 +199,7 @@ def load(path: Path, *, check_folders: bool = True) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: no such config file; pass --config PATH or set ${ENV_CONFIG}"
-        ) from None
+        raise ConfigError(f"{path}: no such config file; pass --config PATH or set ${ENV_CONFIG}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

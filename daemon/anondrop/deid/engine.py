@@ -1,0 +1,644 @@
+"""Walk a dataset at every depth and apply the policy: (dataset, policy, keys) -> (dataset, report).
+
+Pure: no files, no clock, no database. Two entry points share one walker:
+
+* ``deidentify(ds, policy, keys)`` for a pydicom Dataset (tests, ad-hoc use, unusual transfer syntaxes);
+* ``deidentify_bytes(data, policy, keys, identifiers)`` for a whole Part 10 file, the production path.
+  pydicom parses the file lazily (values over ``DEFER_SIZE`` are not even read); every top-level element the
+  policy leaves unchanged, pixel data above all, is copied to the output as the very byte span it had in the
+  input, and only what changes is encoded again. The output header is then searched by the release gate.
+
+What happens to elements Table E.1-1 does not list (the safety net by value representation):
+  PN          replaced by a dummy name, unless a rule keeps it explicitly;
+  UI          replaced by the keyed 2.25 UID unless well known (1.2.840.10008.*, pydicom's UID dictionary)
+              or retain_uids is selected;
+  DA, DT      removed to zero length (basic), shifted by the patient's offset (modified dates), kept (full dates);
+  LO SH LT ST UT UC
+              kept, with every identifier of the series found in them replaced by "[REMOVED]"; inside a
+              sequence the profile replaces by a dummy (D, e.g. Content Sequence) they are dummied instead;
+  other VRs   kept (codes, numbers, measurements).
+Private elements are removed unless retain_safe_private keeps those of Table E.3.10-1. Overlay (60xx) and
+curve (50xx) groups are removed whole: their bitmaps can carry burned-in text that no rule can check.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+
+from pydicom import Dataset, dcmread, dcmwrite
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from anondrop import __version__
+from anondrop.deid import _ps315
+from anondrop.deid.actions import (
+    LONG_HEADER_VRS,
+    PIXEL_TAGS,
+    TEXT_VRS,
+    dummy,
+    empty,
+    is_well_known_uid,
+    shift_da,
+    shift_dt,
+    vr_of,
+)
+from anondrop.deid.gate import GateHit, Identifiers, collect_identifiers, scan_bytes
+from anondrop.deid.policy import (
+    BURNED_IN_SUSPECT_MODALITIES,
+    BURNED_IN_SUSPECT_SOP_PREFIXES,
+    CLEAN,
+    DUMMY,
+    EMPTY,
+    KEEP,
+    PSEUDONYM,
+    REMOVE,
+    UID,
+    Policy,
+    is_safe_private,
+    method_codes,
+)
+from anondrop.deid.pseudonyms import Keys
+
+DEFER_SIZE = 2048
+SCRUB = "S"  # internal: keep free text but replace identifiers of the series inside it
+# Coded values are controlled terminology, not free text: kept inside dummied sequences.
+CODE_TAGS = frozenset(
+    int(t)
+    for k in (
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "LongCodeValue",
+        "URNCodeValue",
+        "ContextIdentifier",
+        "MappingResource",
+        "ContextGroupExtensionCreatorUID",
+        "ValueType",
+        "RelationshipType",
+        "ContinuityOfContent",
+        "TemplateIdentifier",
+        "MappingResourceName",
+    )
+    if (t := tag_for_keyword(k)) is not None
+)
+META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
+# PS3.5 B.2 UUID-derived UID naming this implementation (fixed, not per site).
+IMPLEMENTATION_CLASS_UID = "2.25.186104856725366407405263573478591476530"
+IMPLEMENTATION_VERSION = f"ANONDROP_{__version__}".replace(".", "")[:16]
+_STR_ACTIONS = {
+    "X": "removed",
+    "Z": "emptied",
+    "D": "dummied",
+    "K": "kept",
+    "C": "cleaned",
+    "U": "uid",
+    "P": "pseudonym",
+    "S": "scrubbed",
+}
+
+
+class DeidError(Exception):
+    """An input that cannot be de-identified; `code` is the quarantine reason code."""
+
+    code = "unreadable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotDicom(DeidError):
+    code = "not-dicom"
+
+
+class Truncated(DeidError):
+    code = "truncated"
+
+
+class MissingUID(DeidError):
+    code = "missing-uid"
+
+
+@dataclass
+class Report:
+    """What was done to one instance; holds only de-identified values (safe to log)."""
+
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    patient_id: str = ""
+    modality: str = ""
+    series_number: str = ""
+    instance_number: int | None = None
+    burned_in: str | None = None
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class Result:
+    data: bytes
+    report: Report
+    hits: list[GateHit]
+    pixel_bytes: int = 0
+
+
+def patient_identity(ds: Dataset) -> tuple[str, str]:
+    """(patient key, issuer) behind every pseudonym and the date offset of this instance's patient.
+
+    Without a PatientID the name and birth date stand in; without those the study does, so that unknown
+    patients are never merged into one pseudonym.
+    """
+    pid = str(ds.get("PatientID", "") or "").strip()
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    if pid:
+        return pid, issuer
+    name = str(ds.get("PatientName", "") or "").strip()
+    birth = str(ds.get("PatientBirthDate", "") or "").strip()
+    if name:
+        return f"name:{name}:{birth}", issuer
+    return f"study:{ds.get('StudyInstanceUID', '')}", issuer
+
+
+class _Walker:
+    def __init__(
+        self,
+        policy: Policy,
+        keys: Keys,
+        ids: Identifiers,
+        patient: tuple[str, str],
+        fill: Callable[..., None],
+    ) -> None:
+        self.policy = policy
+        self.keys = keys
+        self.ids = ids
+        self.patient = patient
+        self.offset = keys.date_offset_days(*patient)
+        self.counts: Counter[str] = Counter()
+        self.fill = fill  # reads deferred values from the input bytes before they are converted
+
+    # -- one dataset ---------------------------------------------------------------------------------
+    def dataset(self, ds: Dataset, mode: str, top: bool) -> None:
+        private: list[int] = []
+        for tag in list(ds.keys()):
+            t = int(tag)
+            group = t >> 16
+            if group & 1:
+                private.append(t)
+                continue
+            if t & 0xFFFF == 0 or (group & 0xFF00) in (0x5000, 0x6000):
+                # Group lengths are stale after any edit (and retired); overlays/curves go whole.
+                self._remove(ds, t, "overlay/curve/group length")
+                continue
+            if group == 0x0002:
+                continue  # file meta in the body (malformed input); meta is rebuilt separately
+            if top and t in PIXEL_TAGS:
+                continue  # never decoded, never changed
+            self.element(ds, t, self.policy.action(t), mode, top)
+        if private:
+            self._private(ds, private, mode)
+
+    def _remove(self, ds: Dataset, t: int, why: str = "") -> None:
+        del ds[t]
+        self.counts["removed"] += 1
+
+    def _get(self, ds: Dataset, t: int) -> DataElement:
+        self.fill(ds, t)
+        return ds[t]
+
+    def _net(self, vr: str, mode: str, t: int) -> str:
+        """The action for an element Table E.1-1 does not list."""
+        if vr == "PN":
+            return DUMMY
+        if vr == "UI":
+            return KEEP if self.policy.has("retain_uids") else UID
+        if vr in ("DA", "DT"):
+            return {"keep": KEEP, "shift": CLEAN, "remove": EMPTY}[self.policy.date_mode]
+        if vr in TEXT_VRS and t not in CODE_TAGS:
+            return DUMMY if mode == DUMMY else SCRUB
+        return KEEP
+
+    def element(self, ds: Dataset, t: int, act: str | None, mode: str, top: bool) -> None:
+        raw = ds.get_item(t)
+        if raw is None:
+            return
+        vr = vr_of(raw, t)
+        if act is None:
+            act = self._net(vr, mode, t)
+        elif act == KEEP and mode == DUMMY and vr in TEXT_VRS | {"PN"} and t not in CODE_TAGS:
+            act = DUMMY
+        if act == REMOVE:
+            self._remove(ds, t)
+            return
+        if vr == "SQ":
+            self._sequence(ds, t, act, mode)
+            return
+        self.counts[_STR_ACTIONS.get(act, act)] += 1
+        if act == KEEP:
+            return
+        if act == SCRUB:
+            self._scrub(ds, t, raw)
+            return
+        elem = self._get(ds, t)
+        if act == EMPTY:
+            elem.value = empty(vr)
+        elif act == DUMMY:
+            elem.value = dummy(vr)
+        elif act == UID:
+            self._uid(elem)
+        elif act == PSEUDONYM:
+            self._pseudonym(elem, top)
+        elif act == CLEAN:
+            self._clean(ds, t, elem, vr)
+        else:
+            raise ValueError(f"unknown action {act!r} for {elem.tag}")
+
+    def _sequence(self, ds: Dataset, t: int, act: str, mode: str) -> None:
+        self.counts[_STR_ACTIONS.get(act, act)] += 1
+        elem = self._get(ds, t)
+        if act == EMPTY:
+            elem.value = Sequence()
+            return
+        inner = {DUMMY: DUMMY, CLEAN: SCRUB}.get(act, mode)
+        for item in elem.value or []:
+            self.dataset(item, inner, top=False)
+
+    def _scrub(self, ds: Dataset, t: int, raw: DataElement | RawDataElement) -> None:
+        # Fast check on the raw bytes first: most text holds no identifier and is never decoded.
+        if isinstance(raw, RawDataElement):
+            if raw.value is not None and not self.ids.contains(raw.value):
+                return
+            if raw.value is None and raw.length == 0:
+                return
+        elem = self._get(ds, t)
+        if elem.value is None:
+            return
+        if elem.VM > 1:
+            elem.value = [self.ids.scrub(str(v)) for v in elem.value]
+        else:
+            elem.value = self.ids.scrub(str(elem.value))
+
+    def _uid(self, elem: DataElement) -> None:
+        def one(v: str) -> str:
+            v = str(v).strip("\0 ")
+            return v if not v or is_well_known_uid(v) else self.keys.uid(v)
+
+        if elem.value is None:
+            return
+        if elem.VM > 1:
+            elem.value = [one(v) for v in elem.value]
+        else:
+            elem.value = one(elem.value)
+
+    def _pseudonym(self, elem: DataElement, top: bool) -> None:
+        if top:
+            pid, issuer = self.patient
+        else:  # a patient named inside a sequence is pseudonymised on its own value
+            pid, issuer = str(elem.value or ""), ""
+        if int(elem.tag) == 0x00100020:
+            elem.value = self.keys.patient_id(pid, issuer)
+        else:
+            elem.value = self.keys.patient_name(pid, issuer) if top else dummy("PN")
+
+    def _clean(self, ds: Dataset, t: int, elem: DataElement, vr: str) -> None:
+        value = elem.value
+        if value is None or value == "":
+            return
+        if vr == "DA":
+            elem.value = shift_da(_text(value), self.offset)
+        elif vr == "DT":
+            elem.value = shift_dt(_text(value), self.offset)
+        elif vr == "PN":
+            elem.value = dummy("PN")
+        elif vr == "UI":
+            self._uid(elem)
+        elif vr in TEXT_VRS:
+            self._scrub(ds, t, elem)
+        # TM (a time of day moves with no date shift), codes and numbers: nothing identifying to clean.
+
+    def _private(self, ds: Dataset, tags: list[int], mode: str) -> None:
+        if not self.policy.private_keep_safe:
+            for t in tags:
+                self._remove(ds, t)
+            return
+        creators: dict[tuple[int, int], str] = {}
+        for t in tags:
+            if 0x10 <= t & 0xFFFF <= 0xFF:
+                creators[(t >> 16, t & 0xFF)] = str(self._get(ds, t).value or "")
+        used: set[tuple[int, int]] = set()
+        for t in tags:
+            group, elem_no = t >> 16, t & 0xFFFF
+            if elem_no <= 0xFF:
+                continue
+            block = (group, elem_no >> 8)
+            creator = creators.get(block)
+            if creator is None or not is_safe_private(creator, group, elem_no):
+                self._remove(ds, t)
+                continue
+            used.add(block)
+            vr = _ps315.SAFE_PRIVATE[(creator.strip(), group, elem_no & 0xFF)][0] or "UN"
+            if vr in ("PN", "UI", "DA", "DT", "SQ") or vr in TEXT_VRS:
+                self.element(ds, t, None, mode, top=False)
+            else:
+                self.counts["kept"] += 1
+        for t in tags:
+            if t & 0xFFFF <= 0xFF and ((t >> 16, t & 0xFF) not in used or t & 0xFFFF < 0x10):
+                self._remove(ds, t)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)  # type: ignore[attr-defined]
+    return str(value)
+
+
+def _no_fill(ds: Dataset, t: int) -> None:
+    return None
+
+
+def _check_uids(ds: Dataset) -> None:
+    for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        if not str(ds.get(kw, "") or "").strip():
+            raise MissingUID(f"the file has no {kw}; it cannot be placed in a series")
+
+
+def burned_in_verdict(ds: Dataset, policy: Policy) -> str | None:
+    """Why this instance may show the patient's identity in its pixels, or None."""
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        return "BurnedInAnnotation is YES: the pixels show identifying text"
+    if policy.burned_in_suspect != "quarantine":
+        return None
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
+        return None  # the producer states there is none
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if modality in BURNED_IN_SUSPECT_MODALITIES:
+        return f"modality {modality} often carries burned-in text and BurnedInAnnotation does not say NO"
+    if sop_class.startswith(BURNED_IN_SUSPECT_SOP_PREFIXES):
+        return (
+            "this kind of object (secondary capture, ultrasound, photo or document) often carries "
+            "burned-in text and BurnedInAnnotation does not say NO"
+        )
+    return None
+
+
+def _mark(ds: Dataset, policy: Policy) -> None:
+    """PS3.15 E.1.1: record that and how the instance was de-identified."""
+    ds.PatientIdentityRemoved = "YES"
+    opts = [o for o in _ps315.OPTIONS if o in policy.options]
+    ds.DeidentificationMethod = [
+        f"anondrop {__version__}",
+        f"PS3.15 {policy.edition} Basic Profile",
+        *[o[:64] for o in opts],
+    ]
+    items = []
+    for value, scheme, meaning in method_codes(policy):
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = scheme
+        item.CodeMeaning = meaning
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = Sequence(items)
+    ds.LongitudinalTemporalInformationModified = {
+        "keep": "UNMODIFIED",
+        "shift": "MODIFIED",
+        "remove": "REMOVED",
+    }[policy.date_mode]
+
+
+def _report(ds: Dataset, counts: Counter[str], burned: str | None) -> Report:
+    number = ds.get("InstanceNumber")
+    try:
+        inst = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        inst = None
+    return Report(
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        modality=str(ds.get("Modality", "")),
+        series_number=str(ds.get("SeriesNumber", "") or ""),
+        instance_number=inst,
+        burned_in=burned,
+        counts=counts,
+    )
+
+
+def _new_meta(
+    old: FileMetaDataset | None, ds: Dataset, keys: Keys, policy: Policy, ts: str
+) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    if old is not None:
+        for elem in old:
+            if int(elem.tag) not in META_REMOVE and int(elem.tag) != 0x00020000:
+                meta.add(elem)
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    return meta
+
+
+def _apply(ds: Dataset, policy: Policy, keys: Keys, ids: Identifiers, fill: Callable[..., None]) -> Report:
+    _check_uids(ds)
+    burned = burned_in_verdict(ds, policy)
+    walker = _Walker(policy, keys, ids, patient_identity(ds), fill)
+    walker.dataset(ds, mode=SCRUB, top=True)
+    _mark(ds, policy)
+    return _report(ds, walker.counts, burned)
+
+
+def deidentify(
+    ds: Dataset, policy: Policy, keys: Keys, identifiers: Identifiers | None = None
+) -> tuple[Dataset, Report]:
+    """De-identify a copy of ds (file meta included); the input is left untouched."""
+    out = copy.deepcopy(ds)
+    ids = identifiers if identifiers is not None else collect_identifiers(ds, policy)
+    report = _apply(out, policy, keys, ids, _no_fill)
+    old_meta = getattr(ds, "file_meta", None)
+    ts = str(getattr(old_meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+    out.file_meta = _new_meta(old_meta, out, keys, policy, ts)
+    return out, report
+
+
+# -- the production path: bytes in, bytes out ------------------------------------------------------------
+
+
+def read_header(data: bytes) -> Dataset:
+    """Parse a Part 10 file (or a bare dataset) lazily; raise NotDicom / Truncated with a reason."""
+    try:
+        return dcmread(BytesIO(data), defer_size=DEFER_SIZE)
+    except InvalidDicomError:
+        pass
+    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise Truncated(f"the file ends or breaks inside its header ({type(exc).__name__}: {exc})") from None
+    # No preamble: accept a bare dataset only if it parses into something with DICOM UIDs.
+    try:
+        ds = dcmread(BytesIO(data), defer_size=DEFER_SIZE, force=True)
+        if "SOPClassUID" not in ds and "SOPInstanceUID" not in ds:
+            raise NotDicom("not a DICOM file (no preamble and no DICOM attributes)")
+        return ds
+    except DeidError:
+        raise
+    except Exception:
+        raise NotDicom("not a DICOM file (no 'DICM' preamble and it does not parse as DICOM)") from None
+
+
+def deidentify_bytes(
+    data: bytes, policy: Policy, keys: Keys, identifiers: Identifiers | None = None
+) -> Result:
+    """De-identify one Part 10 file given as bytes; gate the output; return the output bytes.
+
+    `identifiers` are the series' identifiers (the union over its files); without them the file's own are
+    used. A non-empty `Result.hits` means the output must not leave: the caller quarantines the series.
+    """
+    ds = read_header(data)
+    meta = getattr(ds, "file_meta", None)
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    implicit, little = ds.original_encoding if ds.original_encoding[0] is not None else (True, True)
+    if not ts:
+        ts = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+    _check_truncation(ds, data)
+
+    def fill(target: Dataset, t: int) -> None:
+        raw = target.get_item(t)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, 0xFFFFFFFF):
+            start = raw.value_tell
+            target._dict[raw.tag] = raw._replace(value=data[start : start + raw.length])
+
+    ids = identifiers if identifiers is not None else _ids_of(ds, policy, fill)
+    original = {int(t): ds.get_item(t) for t in ds.keys()}
+    report = _apply(ds, policy, keys, ids, fill)
+    new_meta = _new_meta(meta, ds, keys, policy, ts)
+
+    if ts in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian) or not little:
+        # Rare encodings: let pydicom write the whole file (values are filled in first).
+        for t in list(ds.keys()):
+            fill(ds, int(t))
+        ds.file_meta = new_meta
+        buf = BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        out = buf.getvalue()
+        hits = scan_bytes(out, ids, "")
+        return Result(out, report, hits)
+
+    head = DicomBytesIO()
+    head.is_little_endian = True
+    head.is_implicit_VR = False
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, new_meta, enforce_standard=True)
+    parts: list[bytes | memoryview] = [head.getvalue()]
+    gate_parts: list[bytes | memoryview] = [parts[0]]
+    view = memoryview(data)
+    encodings = ds._character_set
+    pixel_bytes = 0
+    for tag in sorted(ds.keys()):
+        t = int(tag)
+        elem = ds.get_item(tag)
+        span = _raw_span(elem, original.get(t), implicit)
+        if span is not None:
+            chunk: bytes | memoryview = view[span[0] : span[1]]
+        else:
+            fp = DicomBytesIO()
+            fp.is_little_endian = True
+            fp.is_implicit_VR = implicit
+            write_data_element(fp, ds[tag] if not isinstance(elem, RawDataElement) else elem, encodings)
+            chunk = fp.getvalue()
+        parts.append(chunk)
+        if t in PIXEL_TAGS:
+            pixel_bytes += len(chunk)
+        else:
+            gate_parts.append(chunk)
+    out = b"".join(parts)
+    hits = scan_bytes(b"".join(gate_parts), ids, "")
+    return Result(out, report, hits, pixel_bytes)
+
+
+def _raw_span(
+    elem: DataElement | RawDataElement, before: DataElement | RawDataElement | None, implicit: bool
+) -> tuple[int, int] | None:
+    """The input byte span of an unchanged, defined-length raw element, or None to encode it."""
+    if not isinstance(elem, RawDataElement) or elem is not before or elem.length == 0xFFFFFFFF:
+        return None
+    if implicit:
+        header = 8
+    else:
+        header = 12 if elem.VR in LONG_HEADER_VRS else 8
+    start = elem.value_tell - header
+    return start, elem.value_tell + elem.length
+
+
+def _check_truncation(ds: Dataset, data: bytes) -> None:
+    """A value that runs past the end of the file means the file was cut short (copy in progress, disk full)."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
+            if raw.value_tell + raw.length > len(data):
+                raise Truncated(
+                    f"element ({tag.group:04X},{tag.element:04X}) needs {raw.length} bytes but the file "
+                    f"ends {len(data) - raw.value_tell} bytes after its start: the file is truncated"
+                )
+            if raw.value is not None and len(raw.value) < raw.length:
+                raise Truncated("the file ends inside an element's value: the file is truncated")
+    _check_native_pixels(ds)
+
+
+def _check_native_pixels(ds: Dataset) -> None:
+    """Uncompressed pixel data shorter than Rows x Columns x samples x bits x frames: the copy was cut."""
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None)
+    if ts is not None and ts.is_compressed:
+        return
+    raw = ds.get_item(0x7FE00010)
+    if raw is None:
+        return
+    have = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
+    if have == 0xFFFFFFFF:
+        return
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+        need = need * int(ds.BitsAllocated) // 8
+    except (AttributeError, TypeError, ValueError):
+        return
+    if have < need:
+        raise Truncated(f"pixel data holds {have} bytes but the image needs {need}: the file is truncated")
+
+
+def _ids_of(ds: Dataset, policy: Policy, fill: Callable[[Dataset, int], None]) -> Identifiers:
+    return collect_identifiers_raw(ds, policy, fill)
+
+
+def collect_identifiers_raw(ds: Dataset, policy: Policy, fill: Callable[[Dataset, int], None]) -> Identifiers:
+    """collect_identifiers for a lazily parsed dataset: deferred values are filled before decoding."""
+    for t in list(ds.keys()):
+        raw = ds.get_item(t)
+        if isinstance(raw, RawDataElement) and raw.value is None and int(t) not in PIXEL_TAGS:
+            vr = vr_of(raw, int(t))
+            if vr not in ("OB", "OW", "OF", "OD", "OL", "OV", "UN", "FL", "FD"):
+                fill(ds, int(t))
+    return collect_identifiers(ds, policy)

@@ -1,0 +1,413 @@
+"""The release gate: identifiers of the input, searched for in every output byte and name.
+
+``collect_identifiers`` gathers what identifies the patient in a series' input, at every depth and in
+private elements too: the words of every person name, patient and order IDs, accession and study IDs,
+institution, station and device strings, dates and original UIDs — each only where the policy does not keep
+that element on purpose (a kept Institution Name under retain_institution_identity is not a leak).
+
+``Identifiers.find`` searches raw bytes: the whole output header (every element, every depth, private,
+file meta), ZIP entry names, folder names and the manifest. A search over bytes cannot be fooled by a VR,
+an odd character set or an element the engine did not know. Hits are reported with the attribute path and
+the kind of identifier, never the value itself, so that the report is safe to log.
+
+Limits (documented in the README): name words and IDs shorter than 3 characters are not searched (they
+match everywhere); dates are searched as YYYYMMDD, YYYY-MM-DD, YYYY/MM/DD, DD.MM.YYYY and MM/DD/YYYY.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from io import BytesIO
+
+from pydicom import Dataset, dcmread
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.valuerep import PersonName
+
+from anondrop.deid.actions import FIXED_VALUES, NUMERIC_VRS, PIXEL_TAGS, is_well_known_uid, vr_of
+from anondrop.deid.policy import KEEP, Policy
+
+MIN_TOKEN = 3
+# Words that appear in names but identify nobody, and our own fixed outputs.
+STOP_WORDS = (
+    frozenset(
+        {
+            "ANON",
+            "ANONYMOUS",
+            "ANONYMIZED",
+            "UNKNOWN",
+            "NONE",
+            "NULL",
+            "PATIENT",
+            "TEST",
+            "PHANTOM",
+            "QA",
+            "MRS",
+            "MISS",
+            "PHD",
+            "DDS",
+            "JUN",
+            "SEN",
+            "THE",
+            "AND",
+            "VON",
+            "VAN",
+            "DER",
+            "DEN",
+            # placeholders that templates put in name fields ("Last Name^First Name", "Enter text")
+            "NAME",
+            "FIRST",
+            "LAST",
+            "MIDDLE",
+            "TEXT",
+            "ENTER",
+            "DOCTOR",
+            "PHYSICIAN",
+            "NURSE",
+            "OPERATOR",
+        }
+    )
+    | FIXED_VALUES
+)
+
+# Attributes whose whole value identifies a person, an order or a place (beyond PN, DA/DT and UI).
+IDENTIFYING_KEYWORDS = (
+    "PatientID",
+    "OtherPatientIDs",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "StudyID",
+    "MedicalRecordLocator",
+    "AdmissionID",
+    "ServiceEpisodeID",
+    "RequestedProcedureID",
+    "PerformedProcedureStepID",
+    "ScheduledProcedureStepID",
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientTelecomInformation",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "DeviceSerialNumber",
+    "DetectorID",
+    "GantryID",
+    "PlateID",
+    "CassetteID",
+    "SourceSerialNumber",
+    "PersonAddress",
+    "PersonTelephoneNumbers",
+    "ResponsibleOrganization",
+    "RegionOfResidence",
+    "MilitaryRank",
+    "BranchOfService",
+    "PatientInsurancePlanCodeSequence",
+    "CurrentPatientLocation",
+    "PatientInstitutionResidence",
+    "ConsultingPhysicianName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "DeviceUID",
+    "TreatmentMachineName",
+    "PerformedStationName",
+    "PerformedLocation",
+    "ScheduledStationName",
+    "ScheduledProcedureStepLocation",
+)
+IDENTIFYING_TAGS = frozenset(int(t) for k in IDENTIFYING_KEYWORDS if (t := tag_for_keyword(k)) is not None)
+
+_COLLECT_VRS = frozenset({"PN", "UI", "DA", "DT", "SQ"})
+_WORD = re.compile(rb"[A-Za-z0-9]+")
+_UIDISH = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
+_SPLIT_NAME = re.compile(r"[\^=\s,./\\()\-]+")
+
+
+@dataclass(frozen=True)
+class GateHit:
+    """Where an identifier of the input was found in the output (never the value itself)."""
+
+    where: str  # "IM000003.dcm: RequestAttributesSequence[0].StudyDescription" or "zip name"
+    kind: str  # name | id | date | uid | text
+
+    def __str__(self) -> str:
+        return f"{self.kind} of the input found in {self.where}"
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    """Identifying values of one series' input, as upper-case strings grouped by kind."""
+
+    words: frozenset[str] = frozenset()  # single alphanumeric tokens: name words, simple IDs
+    phrases: frozenset[tuple[str, str]] = frozenset()  # (kind, text) with separators or non-ASCII
+    dates: frozenset[str] = frozenset()  # YYYYMMDD
+    uids: frozenset[str] = frozenset()
+    word_kinds: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.words or self.phrases or self.dates or self.uids)
+
+    def merge(self, other: Identifiers) -> Identifiers:
+        return Identifiers(
+            self.words | other.words,
+            self.phrases | other.phrases,
+            self.dates | other.dates,
+            self.uids | other.uids,
+            tuple(dict(self.word_kinds + other.word_kinds).items()),
+        )
+
+    @cached_property
+    def _kind_of_word(self) -> dict[str, str]:
+        return dict(self.word_kinds)
+
+    @cached_property
+    def _words_bytes(self) -> frozenset[bytes]:
+        return frozenset(w.encode("ascii") for w in self.words)
+
+    @cached_property
+    def _uids_bytes(self) -> frozenset[bytes]:
+        return frozenset(u.encode("ascii") for u in self.uids)
+
+    @cached_property
+    def _pattern(self) -> re.Pattern[bytes] | None:
+        """One regex for dates (all written forms) and phrases; words and UIDs use set look-ups."""
+        alts: list[bytes] = []
+        for date in sorted(self.dates):
+            y, m, d = date[:4], date[4:6], date[6:8]
+            forms = {date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{d}.{m}.{y}", f"{m}/{d}/{y}"}
+            for form in sorted(forms):
+                alts.append(b"(?<![0-9])" + re.escape(form.encode()) + b"(?![0-9])")
+        for _kind, text in sorted(self.phrases):
+            for enc in ("utf-8", "latin-1"):
+                try:
+                    raw = text.encode(enc)
+                except UnicodeEncodeError:
+                    continue
+                alts.append(b"(?<![A-Za-z0-9])" + re.escape(raw) + b"(?![A-Za-z0-9])")
+        if not alts:
+            return None
+        return re.compile(b"|".join(sorted(set(alts))), re.IGNORECASE)
+
+    def find(self, data: bytes) -> Iterator[str]:
+        """Yield the kind of each identifier occurring in data (bytes of a header, a name, a manifest)."""
+        words = self._words_bytes
+        if words:
+            for m in _WORD.finditer(data):
+                token = m.group().upper()
+                if token in words:
+                    yield self._kind_of_word.get(token.decode("ascii"), "name")
+        uids = self._uids_bytes
+        if uids:
+            for m in _UIDISH.finditer(data):
+                if m.group() in uids:
+                    yield "uid"
+        pattern = self._pattern
+        if pattern is not None:
+            for m in pattern.finditer(data):
+                yield "date" if m.group()[:1].isdigit() else "text"
+
+    def contains(self, data: bytes) -> bool:
+        return next(self.find(data), None) is not None
+
+    def scrub(self, text: str) -> str:
+        """Replace every identifier occurring in free text by [REMOVED] (the clean action for text)."""
+        if not self or not text:
+            return text
+        raw = text.encode("utf-8", "surrogateescape")
+        if not self.contains(raw):
+            return text
+        out = raw
+        pattern = self._pattern
+        if pattern is not None:
+            out = pattern.sub(b"[REMOVED]", out)
+        if self._uids_bytes:
+            out = _UIDISH.sub(lambda m: b"[REMOVED]" if m.group() in self._uids_bytes else m.group(), out)
+        if self._words_bytes:
+            out = _WORD.sub(
+                lambda m: b"[REMOVED]" if m.group().upper() in self._words_bytes else m.group(), out
+            )
+        return out.decode("utf-8", "surrogateescape")
+
+
+class _Collector:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.words: dict[str, str] = {}
+        self.phrases: set[tuple[str, str]] = set()
+        self.dates: set[str] = set()
+        self.uids: set[str] = set()
+
+    def add_text(self, kind: str, text: str) -> None:
+        text = text.strip().strip("\0").strip().upper()
+        if len(text) < MIN_TOKEN or text in STOP_WORDS:
+            return
+        if text.isascii() and text.isalnum():
+            self.words.setdefault(text, kind)
+        else:
+            self.phrases.add((kind, text))
+
+    def add_name(self, name: str) -> None:
+        for part in _SPLIT_NAME.split(name):
+            self.add_text("name", part)
+        whole = " ".join(p for p in _SPLIT_NAME.split(name) if p)
+        if " " in whole:
+            self.add_text("name", whole)
+
+    def add_date(self, text: str) -> None:
+        digits = text.strip()[:8]
+        if len(digits) == 8 and digits.isdigit() and digits not in FIXED_VALUES:
+            self.dates.add(digits)
+
+    def element(self, elem: DataElement, action: str | None) -> None:
+        vr = elem.VR
+        if vr == "SQ" or action == KEEP:
+            return
+        values = _values(elem.value)
+        tag = int(elem.tag)
+        if vr == "PN":
+            for v in values:
+                self.add_name(str(v))
+        elif vr == "UI":
+            for v in values:
+                s = str(v).strip("\0 ")
+                if s and not is_well_known_uid(s):
+                    self.uids.add(s)
+        elif vr == "DA" or vr == "DT":
+            if self.policy.date_mode == "keep" and action is None:
+                return
+            for v in values:
+                for part in str(v).split("-"):
+                    self.add_date(part)
+        elif tag in IDENTIFYING_TAGS and vr not in NUMERIC_VRS:
+            for v in values:
+                if isinstance(v, bytes):
+                    continue
+                self.add_text("id", str(v))
+
+    def dataset(self, ds: Dataset) -> None:
+        # Work on raw elements: only values that can identify are decoded; pixel data and other bulk
+        # binary values are never touched.
+        for tag in list(ds.keys()):
+            tag_int = int(tag)
+            if tag_int in PIXEL_TAGS:
+                continue
+            vr = vr_of(ds.get_item(tag), tag_int)
+            if vr not in _COLLECT_VRS and tag_int not in IDENTIFYING_TAGS:
+                continue
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                for item in elem.value or []:
+                    self.dataset(item)
+                continue
+            private = (tag_int >> 16) & 1
+            self.element(elem, None if private else self.policy.action(tag_int))
+
+    def result(self) -> Identifiers:
+        return Identifiers(
+            words=frozenset(self.words),
+            phrases=frozenset(self.phrases),
+            dates=frozenset(self.dates),
+            uids=frozenset(self.uids),
+            word_kinds=tuple(sorted(self.words.items())),
+        )
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, (list, MultiValue, tuple)):
+        return list(value)
+    if isinstance(value, str) and "\\" in value:
+        return list(value.split("\\"))
+    return [value]
+
+
+def collect_identifiers(ds: Dataset, policy: Policy) -> Identifiers:
+    """Identifying values of one input dataset (file meta included) at every depth."""
+    col = _Collector(policy)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        col.dataset(meta)
+    col.dataset(ds)
+    return col.result()
+
+
+def _walk(ds: Dataset, prefix: str = "") -> Iterator[tuple[str, DataElement]]:
+    for elem in ds:
+        name = keyword_for_tag(elem.tag) or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        path = f"{prefix}{name}"
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value or []):
+                yield from _walk(item, f"{path}[{i}].")
+        else:
+            yield path, elem
+
+
+def _element_bytes(elem: DataElement) -> bytes:
+    value = elem.value
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (list, MultiValue, tuple, Sequence)):
+        return "\\".join(str(v) for v in value).encode("utf-8", "replace")
+    if isinstance(value, PersonName):
+        return str(value).encode("utf-8", "replace")
+    return str(value).encode("utf-8", "replace")
+
+
+def scan_dataset(ds: Dataset, ids: Identifiers, label: str = "") -> list[GateHit]:
+    """Every element at every depth (file meta and private included), checked value by value."""
+    hits: list[GateHit] = []
+    sources: list[Dataset] = []
+    meta = getattr(ds, "file_meta", None)
+    if isinstance(meta, FileMetaDataset):
+        sources.append(meta)
+    sources.append(ds)
+    for src in sources:
+        for path, elem in _walk(src):
+            if elem.VR in NUMERIC_VRS or int(elem.tag) == 0x7FE00010:
+                continue  # numbers cannot spell a name; pixel data is checked for burned-in text elsewhere
+            for kind in ids.find(_element_bytes(elem)):
+                hits.append(GateHit(f"{label}{path}", kind))
+                break
+    return hits
+
+
+def scan_bytes(header: bytes, ids: Identifiers, label: str = "") -> list[GateHit]:
+    """Search the encoded output header; on a candidate hit, parse it and check element by element.
+
+    The byte search is the fast path (one pass, no parsing). A candidate is confirmed on the parsed elements,
+    which names the attribute path and drops coincidences inside numeric binary values (FL, US, ...); a
+    header that cannot be parsed back fails closed.
+    """
+    if not ids.contains(header):
+        return []
+    try:
+        ds = dcmread(BytesIO(header), force=True, stop_before_pixels=True)
+        return scan_dataset(ds, ids, label)
+    except Exception:  # the header we wrote cannot be re-read: fail closed
+        return [GateHit(f"{label}(unparseable header)", "text")]
+
+
+def scan_names(named: Iterable[tuple[str, str]], ids: Identifiers) -> list[GateHit]:
+    """Output names (ZIP path, folder names, entry names), given as (label, name); the label is reported.
+
+    The label, not the name, goes into the hit: the name is what may hold the identifier.
+    """
+    hits = []
+    for label, name in named:
+        for kind in ids.find(name.encode("utf-8", "surrogateescape")):
+            hits.append(GateHit(label, kind))
+            break
+    return hits
