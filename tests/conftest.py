@@ -48,7 +48,9 @@ class Site:
     state: Path
     done: Path
 
-    def write_config(self, extra: str = "", options: list[str] | None = None, profile_extra: str = "") -> Path:
+    def write_config(
+        self, extra: str = "", options: list[str] | None = None, profile_extra: str = ""
+    ) -> Path:
         opts = ", ".join(f'"{o}"' for o in (options or []))
         text = textwrap.dedent(
             f"""\

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from typing import cast
 
+from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
+from pydicom.tag import BaseTag
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.uid import UID_dictionary
+from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 
 DUMMY_TEXT = "ANONYMIZED"
 DUMMY_DATE = "19000101"
@@ -65,6 +68,11 @@ NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT", "
 
 DICOM_UID_ROOT = "1.2.840.10008."
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
+
+
+def raw_item(ds: Dataset, tag: int | BaseTag) -> DataElement | RawDataElement | None:
+    """The element as stored: raw (undecoded) when never accessed; a deferred value stays unread."""
+    return cast("DataElement | RawDataElement | None", ds.get_item(tag, keep_deferred=True))
 
 
 def vr_of(elem: DataElement | RawDataElement, tag: int) -> str:

@@ -24,6 +24,7 @@ curve (50xx) groups are removed whole: their bitmaps can carry burned-in text th
 from __future__ import annotations
 
 import copy
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from anondrop.deid.actions import (
     dummy,
     empty,
     is_well_known_uid,
+    raw_item,
     shift_da,
     shift_dt,
     vr_of,
@@ -157,6 +159,8 @@ class Result:
     report: Report
     hits: list[GateHit]
     pixel_bytes: int = 0
+    header: bytes = b""  # the output without its pixel data: what the gate searched
+    identifiers: Identifiers = field(default_factory=Identifiers)  # those the gate searched for
 
 
 def patient_identity(ds: Dataset) -> tuple[str, str]:
@@ -235,7 +239,7 @@ class _Walker:
         return KEEP
 
     def element(self, ds: Dataset, t: int, act: str | None, mode: str, top: bool) -> None:
-        raw = ds.get_item(t)
+        raw = raw_item(ds, t)
         if raw is None:
             return
         vr = vr_of(raw, t)
@@ -522,16 +526,22 @@ def deidentify_bytes(
             if implicit
             else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
         )
-    _check_truncation(ds, data)
+    if ts == DeflatedExplicitVRLittleEndian:
+        # Offsets in a deflated file refer to the inflated stream: read every value now instead.
+        ds = dcmread(BytesIO(data))
+        meta = ds.file_meta
+    else:
+        _check_truncation(ds, data)
 
     def fill(target: Dataset, t: int) -> None:
-        raw = target.get_item(t)
-        if isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, 0xFFFFFFFF):
+        raw = raw_item(target, t)
+        if isinstance(raw, RawDataElement) and raw.value is None:
             start = raw.value_tell
-            target._dict[raw.tag] = raw._replace(value=data[start : start + raw.length])
+            end = _undefined_end(data, start) - 8 if raw.length == 0xFFFFFFFF else start + raw.length
+            target._dict[raw.tag] = raw._replace(value=data[start:end])
 
     ids = identifiers if identifiers is not None else _ids_of(ds, policy, fill)
-    original = {int(t): ds.get_item(t) for t in ds.keys()}
+    original = {int(t): raw_item(ds, t) for t in ds.keys()}
     report = _apply(ds, policy, keys, ids, fill)
     new_meta = _new_meta(meta, ds, keys, policy, ts)
 
@@ -544,7 +554,7 @@ def deidentify_bytes(
         dcmwrite(buf, ds, enforce_file_format=True)
         out = buf.getvalue()
         hits = scan_bytes(out, ids, "")
-        return Result(out, report, hits)
+        return Result(out, report, hits, 0, out, ids)
 
     head = DicomBytesIO()
     head.is_little_endian = True
@@ -558,15 +568,18 @@ def deidentify_bytes(
     pixel_bytes = 0
     for tag in sorted(ds.keys()):
         t = int(tag)
-        elem = ds.get_item(tag)
-        span = _raw_span(elem, original.get(t), implicit)
+        elem = raw_item(ds, tag)
+        span = _raw_span(elem, original.get(t), implicit, data)
         if span is not None:
             chunk: bytes | memoryview = view[span[0] : span[1]]
         else:
             fp = DicomBytesIO()
             fp.is_little_endian = True
             fp.is_implicit_VR = implicit
-            write_data_element(fp, ds[tag] if not isinstance(elem, RawDataElement) else elem, encodings)
+            if isinstance(elem, RawDataElement) and elem.value is None:
+                fill(ds, t)
+                elem = raw_item(ds, t)
+            write_data_element(fp, elem, encodings)
             chunk = fp.getvalue()
         parts.append(chunk)
         if t in PIXEL_TAGS:
@@ -574,28 +587,48 @@ def deidentify_bytes(
         else:
             gate_parts.append(chunk)
     out = b"".join(parts)
-    hits = scan_bytes(b"".join(gate_parts), ids, "")
-    return Result(out, report, hits, pixel_bytes)
+    header = b"".join(gate_parts)
+    hits = scan_bytes(header, ids, "")
+    return Result(out, report, hits, pixel_bytes, header, ids)
 
 
 def _raw_span(
-    elem: DataElement | RawDataElement, before: DataElement | RawDataElement | None, implicit: bool
+    elem: DataElement | RawDataElement | None,
+    before: DataElement | RawDataElement | None,
+    implicit: bool,
+    data: bytes,
 ) -> tuple[int, int] | None:
     """The input byte span of an unchanged, defined-length raw element, or None to encode it."""
-    if not isinstance(elem, RawDataElement) or elem is not before or elem.length == 0xFFFFFFFF:
+    if not isinstance(elem, RawDataElement) or elem is not before:
         return None
     if implicit:
         header = 8
     else:
-        header = 12 if elem.VR in LONG_HEADER_VRS else 8
+        header = 12 if elem.VR in LONG_HEADER_VRS else 8  # PS3.5 7.1.2: 32-bit length after 2 reserved bytes
     start = elem.value_tell - header
+    if elem.length == 0xFFFFFFFF:
+        if elem.value is not None or elem.VR == "SQ":
+            return None  # read by pydicom already (or a sequence): let pydicom write it
+        return start, _undefined_end(data, elem.value_tell)
     return start, elem.value_tell + elem.length
+
+
+def _undefined_end(data: bytes, pos: int) -> int:
+    """End (after the delimiter) of an undefined-length value made of items, e.g. encapsulated pixel data."""
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHL", data, pos)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return pos + 8
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise Truncated("encapsulated pixel data is malformed (an item or its delimiter is missing)")
+        pos += 8 + length
+    raise Truncated("encapsulated pixel data has no sequence delimiter: the file is truncated")
 
 
 def _check_truncation(ds: Dataset, data: bytes) -> None:
     """A value that runs past the end of the file means the file was cut short (copy in progress, disk full)."""
     for tag in ds.keys():
-        raw = ds.get_item(tag)
+        raw = raw_item(ds, tag)
         if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
             if raw.value_tell + raw.length > len(data):
                 raise Truncated(
@@ -613,7 +646,7 @@ def _check_native_pixels(ds: Dataset) -> None:
     ts = getattr(meta, "TransferSyntaxUID", None)
     if ts is not None and ts.is_compressed:
         return
-    raw = ds.get_item(0x7FE00010)
+    raw = raw_item(ds, 0x7FE00010)
     if raw is None:
         return
     have = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
@@ -636,7 +669,7 @@ def _ids_of(ds: Dataset, policy: Policy, fill: Callable[[Dataset, int], None]) -
 def collect_identifiers_raw(ds: Dataset, policy: Policy, fill: Callable[[Dataset, int], None]) -> Identifiers:
     """collect_identifiers for a lazily parsed dataset: deferred values are filled before decoding."""
     for t in list(ds.keys()):
-        raw = ds.get_item(t)
+        raw = raw_item(ds, t)
         if isinstance(raw, RawDataElement) and raw.value is None and int(t) not in PIXEL_TAGS:
             vr = vr_of(raw, int(t))
             if vr not in ("OB", "OW", "OF", "OD", "OL", "OV", "UN", "FL", "FD"):

@@ -30,7 +30,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
-from anondrop.deid.actions import FIXED_VALUES, NUMERIC_VRS, PIXEL_TAGS, is_well_known_uid, vr_of
+from anondrop.deid.actions import FIXED_VALUES, NUMERIC_VRS, PIXEL_TAGS, is_well_known_uid, raw_item, vr_of
 from anondrop.deid.policy import KEEP, Policy
 
 MIN_TOKEN = 3
@@ -301,7 +301,10 @@ class _Collector:
             tag_int = int(tag)
             if tag_int in PIXEL_TAGS:
                 continue
-            vr = vr_of(ds.get_item(tag), tag_int)
+            item = raw_item(ds, tag)
+            if item is None:
+                continue
+            vr = vr_of(item, tag_int)
             if vr not in _COLLECT_VRS and tag_int not in IDENTIFYING_TAGS:
                 continue
             elem = ds[tag]
@@ -379,6 +382,10 @@ def scan_dataset(ds: Dataset, ids: Identifiers, label: str = "") -> list[GateHit
             if elem.VR in NUMERIC_VRS or int(elem.tag) == 0x7FE00010:
                 continue  # numbers cannot spell a name; pixel data is checked for burned-in text elsewhere
             for kind in ids.find(_element_bytes(elem)):
+                if kind == "name" and elem.VR == "CS":
+                    # CS holds defined terms (PERFUSION, ORIGINAL): a patient called "Perfusion" is no leak
+                    # there; IDs, dates and UIDs are still searched in CS.
+                    continue
                 hits.append(GateHit(f"{label}{path}", kind))
                 break
     return hits

@@ -6,15 +6,16 @@ at hand, anondrop uses the strongest Type the attribute has in any composite IOD
 (listed below for the attributes that carry a combined code):
 
   Type 1 somewhere  -> D (a dummy value valid for the VR)
-  Type 2 somewhere  -> Z (zero length) for X/Z and X/Z/D; D for X/D and Z/D (the code does not offer Z... or
-                       Z/D offers Z first: Z)
+  Type 2 somewhere  -> Z (zero length) where the code offers Z, else D
   Type 3 everywhere -> X (removed)
   X/Z/U*            -> U: the reference sequence is kept and every UID inside it is replaced consistently,
                        which keeps references between instances resolvable.
 
 Keeping an empty or dummy value where some other IOD would allow removal costs nothing in confidentiality
-(the value carries no information) and never breaks conformance; removing one that an IOD requires would.
-An attribute not listed here is treated as Type 3.
+(the value carries no information). A sequence is the exception: a Type 3 sequence, if present, needs at
+least one item, so an empty one is an error; sequences are listed here only where an IOD makes them
+Type 2 (e.g. Referenced Study Sequence is Type 3 in General Study and is removed). An attribute not listed
+here is treated as Type 3. The dciodvfy conformance tests check these choices on real samples.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ _STRONGEST_TYPE: dict[str, int] = {
     "ObservationDateTime": 1,  # SR content items
     "StartAcquisitionDateTime": 1,
     "EndAcquisitionDateTime": 1,
-    "ReferencedStudySequence": 2,
+    "OperatorsName": 2,  # RT Series module
+    "ReferencedPerformedProcedureStepSequence": 2,  # SR Document Series module
     "PatientSexNeutered": 2,  # 2C for animal patients
     "ContrastBolusAgent": 2,
     "InstructionPerformedDateTime": 2,
