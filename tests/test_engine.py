@@ -176,7 +176,7 @@ def test_retain_uids_keeps_uids() -> None:
 
 def test_modified_dates_shift_by_one_offset_per_patient() -> None:
     src = ct()
-    out, report = run(src, ["retain_longitudinal_modified_dates"])
+    out, _report = run(src, ["retain_longitudinal_modified_dates"])
     offset = KEYS.date_offset_days("MRN778899")
     assert offset != 0
 
