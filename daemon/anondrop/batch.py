@@ -1,0 +1,183 @@
+"""`anondrop once` and `anondrop anonymize`: one pass over a folder, every series through the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from anondrop.config import Config
+from anondrop.ingest.scan import FileInfo, Inventory
+from anondrop.journal import Journal
+from anondrop.package import clean_stale_temps
+from anondrop.pipeline import (
+    SERIES_DELIVERED,
+    SERIES_GATED,
+    SERIES_QUARANTINED,
+    Context,
+    Summary,
+    Workers,
+    _quarantine,
+    dispose,
+    make_keys,
+    make_policy,
+    process_series,
+    prune_empty_dirs,
+    take_inventory,
+)
+from anondrop.quarantine import QuarantineReason, quarantine_files
+
+log = logging.getLogger("anondrop")
+
+ProgressFactory = Callable[[int], Callable[[int], None]]
+
+
+def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
+    """Every complete series under the inbox becomes one ZIP in the outbox; bad input goes to quarantine."""
+    summary = Summary()
+    removed = clean_stale_temps(cfg.paths.outbox)
+    if removed:
+        log.info("removed %d unfinished temporary file(s) from an earlier run", removed)
+    journal = Journal(cfg.paths.state / "journal.sqlite")
+    policy, keys = make_policy(cfg), make_keys(cfg)
+    workers = Workers(cfg.processing.worker_count(), policy, keys)
+    try:
+        inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary)
+        ctx = Context(cfg, policy, keys, journal, cfg.paths.outbox)
+        _quarantine_bad(ctx, inv, summary)
+        todo = _pending(journal, inv, summary)
+        total = sum(len(f) for f in todo.values())
+        ctx.progress = progress(total) if progress else None
+        handled: set[Path] = set()
+        for files in todo.values():
+            summary.files_in += len(files)
+            summary.bytes_in += sum(f.size for f in files)
+            outcome = process_series(ctx, files, workers, summary)
+            handled.update(f.path for f in files)
+            if outcome.state == "delivered" and outcome.output is not None:
+                rel = str(outcome.output.relative_to(cfg.paths.outbox))
+                summary.delivered.append((rel, len(outcome.files_done)))
+                journal.set_series(
+                    outcome.label,
+                    study=outcome.output.parent.name,
+                    patient=outcome.output.parent.parent.name,
+                    state="delivered",
+                    files=len(outcome.files_done),
+                    output=rel,
+                    new_version=True,
+                )
+                journal.mark_files(
+                    [(f.rel, f.size, f.mtime_ns) for f in outcome.files_done], outcome.label, "delivered"
+                )
+                journal.event(SERIES_DELIVERED, outcome.label, f"{len(outcome.files_done)} files -> {rel}")
+                log.info(
+                    "%s: series %s, %d files -> %s",
+                    SERIES_DELIVERED,
+                    outcome.label,
+                    len(outcome.files_done),
+                    rel,
+                )
+                # Only now, with the ZIP renamed into place and the journal saying so, may sources go.
+                dispose(cfg, [f.path for f in outcome.files_done if f.container is None])
+            elif outcome.state in ("quarantined", "gated"):
+                event = SERIES_GATED if outcome.state == "gated" else SERIES_QUARANTINED
+                journal.event(event, outcome.label)
+                journal.set_series(outcome.label, study="", patient="", state="quarantined", reason=event)
+        _finish_containers(cfg, inv, handled)
+        if cfg.input.on_success != "keep":
+            _dispose_dicomdirs(cfg, inv)
+            prune_empty_dirs(cfg.paths.inbox)
+    finally:
+        workers.close()
+        journal.close()
+    return summary
+
+
+def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactory | None = None) -> Summary:
+    """Ad hoc: de-identify a file or folder into ZIPs under `out`; the source and the inbox stay untouched."""
+    summary = Summary()
+    out.mkdir(parents=True, exist_ok=True)
+    policy, keys = make_policy(cfg), make_keys(cfg)
+    workers = Workers(cfg.processing.worker_count(), policy, keys)
+    try:
+        base = source if source.is_dir() else source.parent
+        inv = take_inventory(cfg, [source], base, summary)
+        ctx = Context(cfg, policy, keys, None, out, dispose=False)
+        for bad in inv.bad + inv.rejected_containers:
+            summary.quarantined[bad.code] += 1
+            summary.reasons.setdefault(bad.code, bad.message)
+        total = sum(len(f) for f in inv.series.values())
+        ctx.progress = progress(total) if progress else None
+        for files in inv.series.values():
+            summary.files_in += len(files)
+            summary.bytes_in += sum(f.size for f in files)
+            outcome = process_series(ctx, files, workers, summary)
+            if outcome.state == "delivered" and outcome.output is not None:
+                summary.delivered.append((str(outcome.output.relative_to(out)), len(outcome.files_done)))
+        for container in inv.containers:
+            shutil.rmtree(_unpacked(cfg, container), ignore_errors=True)
+    finally:
+        workers.close()
+    return summary
+
+
+def _unpacked(cfg: Config, container: Path) -> Path:
+    from anondrop.ingest.scan import unpack_dir
+
+    return unpack_dir(cfg.paths.state, container)
+
+
+def _quarantine_bad(ctx: Context, inv: Inventory, summary: Summary) -> None:
+    cfg = ctx.cfg
+    for bad in inv.rejected_containers:
+        reason = QuarantineReason(bad.code, bad.message)
+        quarantine_files([bad.path], inbox=cfg.paths.inbox, quarantine=cfg.paths.quarantine, reason=reason)
+        summary.quarantined[bad.code] += 1
+        summary.reasons.setdefault(bad.code, bad.message)
+        log.warning("%s: a ZIP container went to quarantine: %s", bad.code, bad.message)
+    for bad in inv.bad:
+        info = FileInfo(bad.path, bad.rel, _size(bad.path), 0, "", "", "", None, bad.container)
+        _quarantine(ctx, [info], QuarantineReason(bad.code, bad.message), summary)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _pending(journal: Journal, inv: Inventory, summary: Summary) -> dict[tuple[str, str], list[FileInfo]]:
+    """Series with at least one file not yet delivered (a late file makes a new, complete version)."""
+    todo = {}
+    for key, files in inv.series.items():
+        fresh = [f for f in files if not journal.is_delivered(f.rel, f.size, f.mtime_ns)]
+        if fresh:
+            todo[key] = files
+        else:
+            summary.skipped += len(files)
+    return todo
+
+
+def _finish_containers(cfg: Config, inv: Inventory, handled: set[Path]) -> None:
+    """A ZIP container is disposed once every member is delivered or in quarantine (as a copy)."""
+    members: dict[Path, list[Path]] = {}
+    for files in inv.series.values():
+        for f in files:
+            if f.container is not None:
+                members.setdefault(f.container, []).append(f.path)
+    for container in inv.containers:
+        paths = members.get(container, [])
+        if all(p in handled for p in paths):
+            dispose(cfg, [container])
+        shutil.rmtree(_unpacked(cfg, container), ignore_errors=True)
+
+
+def _dispose_dicomdirs(cfg: Config, inv: Inventory) -> None:
+    """A DICOMDIR is never copied out; it goes with its folder once no DICOM file is left beside it."""
+    for dicomdir in inv.dicomdirs:
+        folder = dicomdir.parent
+        left = [p for p in folder.rglob("*") if p.is_file() and p != dicomdir and not p.name.startswith(".")]
+        if not left:
+            dispose(cfg, [dicomdir])

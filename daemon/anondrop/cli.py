@@ -1,0 +1,197 @@
+"""The command line: parse, load the config, call one service function, print.
+
+Exit codes: 0 success; 1 an unexpected error (a bug or the machine: see the message); 2 the command line
+or the config is wrong; 3 the run finished but something went to quarantine or was stopped by the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from anondrop import __version__
+from anondrop import config as config_mod
+
+if TYPE_CHECKING:
+    from anondrop.pipeline import Summary
+
+app = typer.Typer(
+    name="anondrop",
+    help="De-identify DICOM series dropped into a folder (DICOM PS3.15 Annex E) and deliver them as ZIPs.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Tracebacks with local variables could print patient data from a dataset being processed.
+    pretty_exceptions_show_locals=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $ANONDROP_CONFIG, then /etc/anondrop/config.toml).",
+        show_default=False,
+    ),
+]
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_QUARANTINED = 0, 1, 2, 3
+
+
+def _load(path: Path | None) -> config_mod.Config:
+    try:
+        return config_mod.load(config_mod.resolve_config_path(path))
+    except config_mod.ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _progress_factory(progress: Progress) -> Callable[[int], Callable[[int], None]]:
+    def factory(total: int) -> Callable[[int], None]:
+        task = progress.add_task("de-identifying", total=total)
+        return lambda n: progress.advance(task, n)
+
+    return factory
+
+
+def _print_summary(summary: Summary, title: str) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("result")
+    table.add_column("count", justify="right")
+    table.add_column("detail")
+    files_out = sum(n for _, n in summary.delivered)
+    table.add_row("series delivered", str(len(summary.delivered)), f"{files_out} files")
+    if summary.skipped:
+        table.add_row("already delivered", str(summary.skipped), "files skipped (recorded in the journal)")
+    for code, count in sorted(summary.quarantined.items()):
+        table.add_row(f"quarantined: {code}", str(count), summary.reasons.get(code, ""))
+    table.add_row("stopped by the gate", str(len(summary.gated)), "; ".join(s for s, _ in summary.gated[:3]))
+    out.print(table)
+    for rel, n in summary.delivered:
+        out.print(f"  {rel}  ({n} files)", highlight=False)
+
+
+def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | None], Summary]) -> Summary:
+    if err.is_terminal:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            return fn(_progress_factory(progress))
+    return fn(None)
+
+
+@app.command()
+def once(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Process every series now in the inbox once, then exit."""
+    from anondrop.batch import run_once
+
+    _logging(verbose)
+    cfg = _load(config)
+    summary = _run_with_progress(lambda p: run_once(cfg, p))
+    _print_summary(summary, "anondrop once")
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def anonymize(
+    path: Annotated[Path, typer.Argument(help="A DICOM file, a folder or a ZIP to de-identify.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the de-identified series ZIPs.")],
+    config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """De-identify PATH into ZIPs under --out, by the config's rules; PATH and the inbox are left untouched."""
+    from anondrop.batch import run_anonymize
+
+    _logging(verbose)
+    cfg = _load(config)
+    if not path.exists():
+        err.print(f"[red]error:[/red] {path}: no such file or folder")
+        raise typer.Exit(EXIT_CONFIG)
+    summary = _run_with_progress(lambda p: run_anonymize(cfg, path, out_dir, p))
+    _print_summary(summary, "anondrop anonymize")
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("check-config")
+def check_config(
+    config: ConfigOpt = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="List every attribute's action.")] = False,
+) -> None:
+    """Validate the config and print the effective policy."""
+    from anondrop.pipeline import make_policy
+
+    cfg = _load(config)
+    policy = make_policy(cfg)
+    out.print(f"config: {cfg.source}", highlight=False)
+    for key in ("inbox", "outbox", "quarantine", "state", "done"):
+        out.print(f"  paths.{key} = {getattr(cfg.paths, key)}", highlight=False)
+    out.print(f"profile: PS3.15 {policy.edition} Basic Application Level Confidentiality Profile")
+    out.print(f"options: {', '.join(sorted(policy.options)) or '(none)'}")
+    out.print(
+        f"dates: {policy.date_mode}; private attributes: "
+        f"{'safe ones kept (Table E.3.10-1)' if policy.private_keep_safe else 'removed'}; "
+        f"burned-in suspects: {cfg.deidentify.burned_in_suspect}"
+    )
+    rows = policy.describe()
+    counts: dict[str, int] = {}
+    for _tag, _kw, act in rows:
+        counts[act] = counts.get(act, 0) + 1
+    names = {
+        "X": "remove",
+        "Z": "empty",
+        "D": "dummy",
+        "K": "keep",
+        "C": "clean",
+        "U": "new UID",
+        "P": "pseudonym",
+    }
+    out.print("actions: " + ", ".join(f"{names.get(a, a)} {n}" for a, n in sorted(counts.items())))
+    if cfg.deidentify.rules:
+        out.print("site rules: " + ", ".join(f"{k}={v}" for k, v in cfg.deidentify.rules.items()))
+    if all_rows:
+        table = Table("tag", "keyword", "action")
+        for tag, kw, act in rows:
+            table.add_row(tag, kw, f"{act} ({names.get(act, act)})")
+        out.print(table)
+    out.print("[green]config OK[/green]")
+
+
+@app.command()
+def version() -> None:
+    """Print the version and the DICOM edition of the profile tables."""
+    from anondrop.deid.policy import EDITION
+
+    out.print(f"anondrop {__version__} (DICOM PS3.15 {EDITION})")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Walk the inbox, read just enough of each header to place a file in its series, unpack ZIP containers.
+
+Nothing here de-identifies: the scan only answers "which files belong to which series" and "which files
+are bad". Headers are read up to the pixel data and only the grouping attributes are decoded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db", "Icon\r"})
+JUNK_DIRS = frozenset(
+    {"__MACOSX", "$RECYCLE.BIN", "System Volume Information", ".Trashes", ".Spotlight-V100"}
+)
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+OVERRIDE_NAME = "anondrop.toml"
+_GROUPING_TAGS = [
+    0x00080016,  # SOPClassUID
+    0x00080018,  # SOPInstanceUID
+    0x0020000D,  # StudyInstanceUID
+    0x0020000E,  # SeriesInstanceUID
+    0x00200013,  # InstanceNumber
+]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One DICOM instance found in the inbox. `rel` is its journal key (relative to the inbox)."""
+
+    path: Path
+    rel: str
+    size: int
+    mtime_ns: int
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    instance_number: int | None
+    container: Path | None = None  # the inbox ZIP this file was unpacked from
+
+    @property
+    def series_key(self) -> tuple[str, str]:
+        return (self.study_uid, self.series_uid)
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: Path
+    rel: str
+    code: str
+    message: str
+    container: Path | None = None
+
+
+@dataclass
+class Inventory:
+    series: dict[tuple[str, str], list[FileInfo]] = field(default_factory=dict)
+    bad: list[BadFile] = field(default_factory=list)
+    containers: list[Path] = field(default_factory=list)
+    dicomdirs: list[Path] = field(default_factory=list)
+    rejected_containers: list[BadFile] = field(default_factory=list)
+
+    def add(self, info: FileInfo) -> None:
+        self.series.setdefault(info.series_key, []).append(info)
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """Hidden names, OS junk and partial-download names are never read (they may still be written)."""
+    if name.startswith(".") or name in JUNK_NAMES or name == OVERRIDE_NAME:
+        return True
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def walk(root: Path, patterns: list[str]) -> Iterator[Path]:
+    """Every candidate file below root, in a stable order; hidden and junk folders are skipped."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in JUNK_DIRS)
+        for name in sorted(filenames):
+            if not is_ignored(name, patterns):
+                path = Path(dirpath) / name
+                if path.is_file() and not path.is_symlink():
+                    yield path
+
+
+def read_info(path: Path, rel: str, container: Path | None = None) -> FileInfo | BadFile:
+    """Place one file: a FileInfo, or a BadFile with the quarantine reason."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return BadFile(path, rel, "unreadable", f"cannot read the file: {exc.strerror}", container)
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_GROUPING_TAGS)
+    except InvalidDicomError:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=_GROUPING_TAGS, force=True)
+        except Exception:
+            return BadFile(path, rel, "not-dicom", "not a DICOM file (no 'DICM' preamble)", container)
+        if "SOPInstanceUID" not in ds and "SeriesInstanceUID" not in ds:
+            return BadFile(path, rel, "not-dicom", "not a DICOM file (no 'DICM' preamble)", container)
+    except PermissionError as exc:
+        return BadFile(path, rel, "unreadable", f"permission denied: {exc.strerror}", container)
+    except (EOFError, ValueError, OSError, KeyError, TypeError, NotImplementedError) as exc:
+        return BadFile(path, rel, "truncated", f"the header cannot be read to its end ({exc})", container)
+    meta = getattr(ds, "file_meta", None)
+    if str(getattr(meta, "MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+        return BadFile(path, rel, "dicomdir", "DICOMDIR index (never copied out)", container)
+    uids = {}
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = str(ds.get(kw, "") or "").strip("\0 ")
+        if not value:
+            return BadFile(
+                path, rel, "missing-uid", f"the file has no {kw}, so its series is unknown", container
+            )
+        uids[kw] = value
+    try:
+        number = ds.get("InstanceNumber")
+        inst = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        inst = None
+    return FileInfo(
+        path=path,
+        rel=rel,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        instance_number=inst,
+        container=container,
+    )
+
+
+def unpack_dir(state: Path, zip_path: Path) -> Path:
+    """Where a container's members are unpacked: under state/, named by a hash (never by the ZIP's name)."""
+    st = zip_path.stat()
+    digest = hashlib.sha256(f"{zip_path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    return state / "unpacked" / digest
