@@ -12,8 +12,8 @@ from typing import cast
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
-from pydicom.tag import BaseTag
 from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 
 DUMMY_TEXT = "ANONYMIZED"
