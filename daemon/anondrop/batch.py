@@ -16,6 +16,7 @@ from anondrop.pipeline import (
     SERIES_GATED,
     SERIES_QUARANTINED,
     Context,
+    SeriesOutcome,
     Summary,
     Workers,
     _quarantine,
@@ -55,35 +56,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
             summary.bytes_in += sum(f.size for f in files)
             outcome = process_series(ctx, files, workers, summary)
             handled.update(f.path for f in files)
-            if outcome.state == "delivered" and outcome.output is not None:
-                rel = str(outcome.output.relative_to(cfg.paths.outbox))
-                summary.delivered.append((rel, len(outcome.files_done)))
-                journal.set_series(
-                    outcome.label,
-                    study=outcome.output.parent.name,
-                    patient=outcome.output.parent.parent.name,
-                    state="delivered",
-                    files=len(outcome.files_done),
-                    output=rel,
-                    new_version=True,
-                )
-                journal.mark_files(
-                    [(f.rel, f.size, f.mtime_ns) for f in outcome.files_done], outcome.label, "delivered"
-                )
-                journal.event(SERIES_DELIVERED, outcome.label, f"{len(outcome.files_done)} files -> {rel}")
-                log.info(
-                    "%s: series %s, %d files -> %s",
-                    SERIES_DELIVERED,
-                    outcome.label,
-                    len(outcome.files_done),
-                    rel,
-                )
-                # Only now, with the ZIP renamed into place and the journal saying so, may sources go.
-                dispose(cfg, [f.path for f in outcome.files_done if f.container is None])
-            elif outcome.state in ("quarantined", "gated"):
-                event = SERIES_GATED if outcome.state == "gated" else SERIES_QUARANTINED
-                journal.event(event, outcome.label)
-                journal.set_series(outcome.label, study="", patient="", state="quarantined", reason=event)
+            finish_series(cfg, journal, outcome, summary)
         _finish_containers(cfg, inv, handled)
         if cfg.input.on_success != "keep":
             _dispose_dicomdirs(cfg, inv)
@@ -92,6 +65,26 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
         workers.close()
         journal.close()
     return summary
+
+
+def finish_series(cfg: Config, journal: Journal, outcome: SeriesOutcome, summary: Summary) -> None:
+    """Record a processed series in the journal and, for a delivered one, only then dispose of its sources."""
+    if outcome.state == "delivered" and outcome.output is not None:
+        rel = str(outcome.output.relative_to(cfg.paths.outbox))
+        summary.delivered.append((rel, len(outcome.files_done)))
+        journal.set_series(
+            outcome.label, study=outcome.output.parent.name, patient=outcome.output.parent.parent.name,
+            state="delivered", files=len(outcome.files_done), output=rel, new_version=True,
+        )
+        journal.mark_files([(f.rel, f.size, f.mtime_ns) for f in outcome.files_done], outcome.label, "delivered")
+        journal.event(SERIES_DELIVERED, outcome.label, f"{len(outcome.files_done)} files -> {rel}")
+        log.info("%s: series %s, %d files -> %s", SERIES_DELIVERED, outcome.label, len(outcome.files_done), rel)
+        # Only now, with the ZIP renamed into place and the journal saying so, may sources go.
+        dispose(cfg, [f.path for f in outcome.files_done if f.container is None])
+    elif outcome.state in ("quarantined", "gated"):
+        event = SERIES_GATED if outcome.state == "gated" else SERIES_QUARANTINED
+        journal.event(event, outcome.label)
+        journal.set_series(outcome.label, study="", patient="", state="quarantined", reason=event)
 
 
 def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactory | None = None) -> Summary:

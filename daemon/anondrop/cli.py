@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import timedelta
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -175,6 +176,112 @@ def check_config(
             table.add_row(tag, kw, f"{act} ({names.get(act, act)})")
         out.print(table)
     out.print("[green]config OK[/green]")
+
+
+@app.command()
+def run(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True) -> None:
+    """Run the watched-folder daemon (under systemd: Type=notify)."""
+    from anondrop.logs import setup_daemon_logging
+    from anondrop.service import Service
+
+    setup_daemon_logging(verbose)
+    path = config_mod.resolve_config_path(config)
+    try:
+        service = Service(path)
+    except config_mod.ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    raise typer.Exit(service.run())
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Counts per state, series in progress, recent deliveries and the quarantine, from the journal."""
+    import json as json_mod
+
+    from anondrop.status import gather
+
+    cfg = _load(config)
+    info = gather(cfg)
+    if as_json:
+        out.print_json(json_mod.dumps(info))
+        return
+    table = Table("state", "series", title="series by state")
+    for state, count in sorted(info["series_by_state"].items()):
+        table.add_row(state, str(count))
+    out.print(table)
+    if info["in_progress"]:
+        prog = Table("series", "state", "age", title="in progress")
+        for row in info["in_progress"]:
+            prog.add_row(row["series"], row["state"], f"{row['age_seconds']:.0f} s")
+        out.print(prog)
+    recent = Table("when (UTC)", "event", "series", "detail", title="recent events")
+    for ev in info["recent_events"]:
+        recent.add_row(ev["at"], ev["event"], ev["series"] or "", ev["detail"])
+    out.print(recent)
+    q = info["quarantine"]
+    out.print(f"quarantine: {q['entries']} entries, {q['files']} files"
+              + (f" ({', '.join(f'{k}: {v}' for k, v in q['by_reason'].items())})" if q["by_reason"] else ""))
+
+
+quarantine_app = typer.Typer(help="Inspect, retry or purge quarantined input.", no_args_is_help=True)
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.command("list")
+def quarantine_list(config: ConfigOpt = None) -> None:
+    """List quarantine entries, oldest first, with their reason."""
+    from anondrop.quarantine import list_entries
+
+    cfg = _load(config)
+    table = Table("id", "reason", "files", "created", "message")
+    for entry in list_entries(cfg.paths.quarantine):
+        table.add_row(entry.id, entry.reason.code, str(entry.file_count), str(entry.created),
+                      entry.reason.message)
+    out.print(table)
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(entry_id: Annotated[str, typer.Argument(help="Entry id from `quarantine list`.")],
+                     config: ConfigOpt = None) -> None:
+    """Move an entry's files back into the inbox, where they are processed again."""
+    from anondrop.quarantine import restore
+
+    cfg = _load(config)
+    try:
+        files = restore(cfg.paths.quarantine, entry_id, cfg.paths.inbox)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    out.print(f"{len(files)} file(s) moved back to the inbox")
+
+
+@quarantine_app.command("purge")
+def quarantine_purge(
+    older_than: Annotated[str, typer.Option("--older-than", help="Age, e.g. 30d, 12h, 90m.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Delete quarantine entries older than the given age."""
+    from anondrop.quarantine import purge
+
+    cfg = _load(config)
+    try:
+        age = _parse_age(older_than)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    out.print(f"{purge(cfg.paths.quarantine, age)} entr(y/ies) purged")
+
+
+def _parse_age(text: str) -> timedelta:
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "w": "weeks"}
+    text = text.strip().lower()
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"--older-than {text!r}: give a number and a unit, e.g. 30d, 12h, 90m")
+    return timedelta(**{units[text[-1]]: int(text[:-1])})
 
 
 @app.command()

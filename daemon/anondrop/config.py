@@ -138,12 +138,33 @@ class Processing(_Section):
         return self.workers or max(1, os.cpu_count() or 1)
 
 
+class Watch(_Section):
+    mode: Literal["auto", "inotify", "poll"] = "auto"
+    poll_seconds: Annotated[float, Field(gt=0)] = 5.0
+    rescan_seconds: Annotated[float, Field(gt=0)] = 300.0
+    stable_seconds: Annotated[float, Field(ge=0)] = 2.0
+
+
+class Completion(_Section):
+    settle_seconds: Annotated[float, Field(ge=0)] = 30.0
+    max_wait_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    markers: list[str] = Field(default_factory=lambda: ["DONE", ".complete"])
+
+    @model_validator(mode="after")
+    def _wait_after_settle(self) -> Completion:
+        if self.max_wait_seconds < self.settle_seconds:
+            raise ValueError("max_wait_seconds must not be shorter than settle_seconds")
+        return self
+
+
 class Config(_Section):
     paths: Paths
     deidentify: Deidentify = Field(default_factory=Deidentify)
     input: Input = Field(default_factory=Input)
     output: Output = Field(default_factory=Output)
     processing: Processing = Field(default_factory=Processing)
+    watch: Watch = Field(default_factory=Watch)
+    completion: Completion = Field(default_factory=Completion)
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -145,6 +146,10 @@ class Summary:
         return 3 if (self.quarantined or self.gated) else 0
 
 
+class Cancelled(Exception):
+    """The daemon is stopping: the series is abandoned cleanly (no output, sources untouched)."""
+
+
 @dataclass
 class Context:
     cfg: Config
@@ -154,6 +159,7 @@ class Context:
     outbox: Path
     dispose: bool = True  # False for `anonymize`: sources are never touched
     progress: Callable[[int], None] | None = None
+    cancel: threading.Event | None = None
 
 
 def make_keys(cfg: Config) -> Keys:
@@ -225,18 +231,6 @@ def _order(files: list[FileInfo]) -> list[FileInfo]:
     return sorted(files, key=lambda f: (f.instance_number is None, f.instance_number or 0, f.sop_uid, f.rel))
 
 
-def _dedupe(files: list[FileInfo]) -> tuple[list[FileInfo], list[FileInfo]]:
-    """The same instance dropped twice (same SOP Instance UID): keep one, set the copies aside."""
-    seen: dict[str, FileInfo] = {}
-    dupes = []
-    for f in files:
-        if f.sop_uid in seen:
-            dupes.append(f)
-        else:
-            seen[f.sop_uid] = f
-    return list(seen.values()), dupes
-
-
 def _safe(text: str, fallback: str) -> str:
     text = _SAFE_NAME.sub("_", text.strip())[:64].strip("._")
     return text or fallback
@@ -257,7 +251,9 @@ class SeriesOutcome:
 
 
 def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summary: Summary) -> SeriesOutcome:
-    files, dupes = _dedupe(_order(files))
+    files = _order(files)
+    dupes: list[FileInfo] = []
+    sizes: dict[str, int] = {}  # original SOP Instance UID -> size of the copy written
     cfg = ctx.cfg
     zipw: SeriesZip | None = None
     first: engine.Report | None = None
@@ -270,6 +266,8 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     entry_names: list[str] = []
     try:
         for outcome in workers.map(_batches(files)):
+            if ctx.cancel is not None and ctx.cancel.is_set():
+                raise Cancelled()
             f = files[outcome.index]
             if ctx.progress:
                 ctx.progress(1)
@@ -291,6 +289,16 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                     compression=cfg.output.compression,
                     compresslevel=cfg.output.compresslevel,
                 )
+            if f.sop_uid in sizes:
+                # The same instance dropped twice: one copy goes out. A copy of another size is a different
+                # object under the same UID, which must not vanish silently.
+                if sizes[f.sop_uid] == f.size:
+                    dupes.append(f)
+                else:
+                    bad.append((f, "duplicate-instance",
+                                "another file of this series has the same SOP Instance UID but other content"))
+                continue
+            sizes[f.sop_uid] = f.size
             name = f"IM{len(written) + 1:05d}.dcm"
             zipw.add(name, res.data)
             entry_names.append(name)

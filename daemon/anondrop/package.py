@@ -1,0 +1,307 @@
+"""One ZIP per series, written so that a reader of the outbox sees either nothing or the whole file.
+
+The ZIP is built under a hidden temporary name in its final folder (same filesystem, so the last step is an
+atomic rename; hidden, so `*.zip` globs and folder watchers skip it), fsynced, renamed into place without
+ever replacing an existing file, and the folder is fsynced. Only once `commit()` has returned is the output
+durable, and only then may the caller dispose of the sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+log = logging.getLogger("anondrop")
+
+Compression = Literal["stored", "deflate"]
+MANIFEST_NAME = "manifest.json"
+TEMP_PATTERN = ".*.tmp-*"
+_METHODS: dict[str, int] = {"stored": zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED}
+# Entry timestamps are fixed at the ZIP epoch: the processing time would otherwise sit in every entry, and
+# the day a study is dropped usually is the day it was acquired, which date shifting exists to hide.
+_ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
+_ENTRY_MODE = (stat.S_IFREG | 0o644) << 16
+_UNIX = 3  # ZipInfo.create_system: makes unzip honour the mode bits above
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A temp file untouched this long belongs to no live writer, even if its pid has been reused since.
+_STALE_AFTER_S = 3600.0
+
+
+class SeriesZip:
+    """A ZIP being written under a hidden temp name; `commit()` publishes it, anything else removes it.
+
+    Use as a context manager: an exception inside the block, or leaving it without `commit()`, aborts.
+    Entries are written through as they are added, so memory stays flat whatever the series size.
+    """
+
+    def __init__(self, final_path: Path, compression: Compression = "stored", compresslevel: int = 6) -> None:
+        if compression not in _METHODS:
+            raise ValueError(f"compression must be 'stored' or 'deflate', not {compression!r}")
+        if not 0 <= compresslevel <= 9:
+            raise ValueError(f"compresslevel must be 0 to 9, not {compresslevel}")
+        self.final_path = final_path
+        self._method = _METHODS[compression]
+        self._level = compresslevel
+        self._new_dirs = _makedirs(final_path.parent)
+        self.temp_path = final_path.parent / _temp_name(final_path.name)
+        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self._file = os.fdopen(fd, "wb")
+        try:
+            self._zip = zipfile.ZipFile(self._file, "w", compression=self._method, allowZip64=True)
+        except BaseException:
+            self._file.close()
+            self.temp_path.unlink(missing_ok=True)
+            raise
+        self._entries: list[dict[str, object]] = []
+        self._names: set[str] = set()
+        self._state: Literal["open", "committed", "aborted"] = "open"
+
+    def __enter__(self) -> SeriesZip:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state == "open":
+            if exc_type is None:
+                log.warning("%s: left without commit(); the partial ZIP is removed", self.final_path.name)
+            self.abort()
+
+    def add(self, name: str, data: bytes) -> str:
+        """Write one entry; returns the SHA-256 (hex) of its bytes, as recorded in the manifest."""
+        self._require_open()
+        self._check_name(name)
+        info = _entry_info(name, self._method)
+        try:
+            self._zip.writestr(info, data, compresslevel=self._level)
+        except BaseException:
+            self.abort()  # a half-written entry leaves the ZIP unusable; nothing may be committed from it
+            raise
+        digest = hashlib.sha256(data).hexdigest()
+        self._names.add(name.casefold())
+        self._entries.append({"name": name, "size": len(data), "sha256": digest})
+        return digest
+
+    def commit(self, manifest: dict[str, object]) -> Path:
+        """Write manifest.json last, make the ZIP durable and move it into place; returns the final path.
+
+        Raises FileExistsError (after removing the temp file) when the final path already exists: an output
+        that was delivered is never replaced.
+        """
+        self._require_open()
+        if "entries" in manifest:
+            raise ValueError("the manifest's 'entries' are written by SeriesZip itself")
+        try:
+            doc = {**manifest, "entries": self._entries}
+            payload = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+            self._zip.writestr(_entry_info(MANIFEST_NAME, self._method), payload, compresslevel=self._level)
+            self._zip.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            rename_no_replace(self.temp_path, self.final_path)
+            fsync_dir(self.final_path.parent)
+            for d in self._new_dirs:
+                fsync_dir(d.parent)  # a new folder's own entry must be durable too, or the ZIP is unreachable
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return self.final_path
+
+    def abort(self) -> None:
+        """Drop the temp file. Safe to call more than once, and after a failed commit."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        # The ZIP is being thrown away: failing to finish it is expected after a write error.
+        with contextlib.suppress(Exception):
+            self._zip.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"{self.final_path.name}: the ZIP is already {self._state}")
+
+    def _check_name(self, name: str) -> None:
+        parts = name.split("/")
+        if not name or name.startswith("/") or "\\" in name or _CONTROL.search(name):
+            problem = "must be a relative path with '/' separators and no control characters"
+        elif any(p in ("", ".", "..") for p in parts):
+            problem = "must not contain empty, '.' or '..' parts"
+        elif re.match(r"^[A-Za-z]:", name):
+            problem = "must not start with a drive letter"
+        elif name.casefold() == MANIFEST_NAME:
+            problem = "is reserved for the manifest"
+        elif name.casefold() in self._names:
+            problem = "is already in the ZIP (names must be unique, ignoring case)"
+        else:
+            return
+        raise ValueError(f"entry name {name!r} {problem}")
+
+
+def _entry_info(name: str, method: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ENTRY_TIME)
+    info.compress_type = method
+    info.external_attr = _ENTRY_MODE
+    info.create_system = _UNIX
+    return info
+
+
+def _temp_name(final_name: str) -> str:
+    # Truncated so that the temp name stays within the usual 255-byte limit for any final name that fits.
+    return f".{final_name[:200]}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _makedirs(folder: Path) -> list[Path]:
+    """Create `folder` and missing parents; return the ones created, shallowest first."""
+    missing = []
+    p = folder
+    while not p.is_dir() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+            created.append(d)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+    return created
+
+
+# -- rename without replacing -----------------------------------------------------------------------------
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2: Callable[..., int] | Literal[False] | None = False  # False: not looked up yet
+
+
+def _libc_renameat2() -> Callable[..., int] | None:
+    global _renameat2
+    if _renameat2 is False:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (AttributeError, OSError, TypeError):
+            _renameat2 = None
+    return _renameat2
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename src to dst, failing with FileExistsError if dst exists.
+
+    Linux's renameat2(RENAME_NOREPLACE) checks and renames in one step, so a concurrent writer of the same
+    name cannot be overwritten. It is still a rename (readers watching for moved-in files see it). Where the
+    call or the filesystem lacks it, a check before os.replace leaves only a very narrow window.
+    """
+    fn = _libc_renameat2()
+    if fn is not None:
+        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, "the output already exists; refusing to overwrite it", str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "the output already exists; refusing to overwrite it", str(dst))
+    os.replace(src, dst)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make creations and renames inside `path` durable: on POSIX a new directory entry survives a crash
+    only once the directory itself has been fsynced."""
+    if os.name == "nt":
+        return  # a directory cannot be opened for fsync on Windows; NTFS journals its metadata
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some network filesystems refuse fsync on a directory; their server commits metadata itself.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temps(outbox: Path) -> int:
+    """Remove temp ZIPs left below `outbox` by crashed runs; returns how many were removed.
+
+    A temp file whose writer is still running here and that was touched within the hour is left alone, so a
+    second anondrop process starting up does not pull the file from under a running one.
+    """
+    removed = 0
+    for dirpath, _dirs, filenames in os.walk(outbox):
+        for name in filenames:
+            if not fnmatch.fnmatchcase(name, TEMP_PATTERN):
+                continue
+            path = Path(dirpath) / name
+            if _in_use(path, name):
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+            log.info("removed a partial ZIP left by an interrupted run: %s", path)
+    return removed
+
+
+def _in_use(path: Path, name: str) -> bool:
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return True  # already gone; nothing to do
+    if age > _STALE_AFTER_S:
+        return False
+    pid_text = name.rpartition(".tmp-")[2].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    return _pid_alive(int(pid_text))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+def unique_path(path: Path) -> Path:
+    """`path` if nothing is there, else the first free `<stem>_v2<suffix>`, `<stem>_v3<suffix>`, ..."""
+    if not os.path.lexists(path):
+        return path
+    n = 2
+    while True:
+        candidate = path.with_name(f"{path.stem}_v{n}{path.suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+        n += 1

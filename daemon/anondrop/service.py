@@ -1,0 +1,404 @@
+"""`anondrop run`: the watched-folder daemon.
+
+One main loop owns all state; it is never blocked by processing:
+  watcher (inotify | polling) ──paths──► queue ─► main loop: observe (stat) ─► stable? read header
+                                                   ─► completion evidence ─► series thread pool
+  series threads ─► pipeline.process_series ─► shared worker processes ─► outcome ─► main loop:
+                                                   journal, dispose sources, forget delivered files
+A start-up scan picks up what arrived while the daemon was down, and a periodic rescan repairs missed
+events. SIGTERM: stop taking work, cancel in-flight series (temporary files removed, sources untouched:
+a restart redoes them), exit 0. SIGHUP: reload the config; an invalid one is refused and the old one kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from pydicom import dcmread
+
+from anondrop import config as config_mod
+from anondrop.batch import finish_series
+from anondrop.config import Config
+from anondrop.ingest import containers
+from anondrop.ingest.completion import Rules, SeriesState, Tracker
+from anondrop.ingest.scan import FileInfo, is_ignored, read_info, unpack_dir
+from anondrop.ingest.watch import choose_mode, start_observer
+from anondrop.journal import Journal
+from anondrop.notify import notify, watchdog_interval
+from anondrop.package import clean_stale_temps
+from anondrop.pipeline import (
+    Cancelled,
+    Context,
+    SeriesOutcome,
+    Summary,
+    Workers,
+    _quarantine,
+    dispose,
+    make_keys,
+    make_policy,
+    process_series,
+    prune_empty_dirs,
+)
+from anondrop.quarantine import QuarantineReason, quarantine_files
+
+log = logging.getLogger("anondrop")
+
+TICK = 0.2
+DISK_FULL_PAUSE = 30.0
+
+
+@dataclass
+class _Running:
+    state: SeriesState
+    files: list[FileInfo]
+    future: Future[SeriesOutcome]
+    started: float
+
+
+@dataclass
+class Stats:
+    delivered: int = 0
+    quarantined: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Service:
+    def __init__(self, cfg_path: Path) -> None:
+        self.cfg_path = cfg_path
+        self.cfg: Config = config_mod.load(cfg_path)
+        self.stopping = threading.Event()
+        self.reload = threading.Event()
+        self.changes: queue.Queue[Path] = queue.Queue()
+        self.running: dict[tuple[str, str], _Running] = {}
+        self.containers: dict[Path, list[Path]] = {}  # inbox ZIP -> unpacked member paths
+        self.stats = Stats()
+        self.paused_until = 0.0
+        self._setup()
+
+    # -- set-up and reload ----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.tracker = Tracker(
+            Rules(cfg.watch.stable_seconds, cfg.completion.settle_seconds, cfg.completion.max_wait_seconds)
+        )
+        self.journal = Journal(cfg.paths.state / "journal.sqlite")
+        self.policy, self.keys = make_policy(cfg), make_keys(cfg)
+        self.workers = Workers(cfg.processing.worker_count(), self.policy, self.keys)
+        self.series_pool = ThreadPoolExecutor(cfg.processing.worker_count(), thread_name_prefix="series")
+        self.ctx = Context(cfg, self.policy, self.keys, self.journal, cfg.paths.outbox)
+        self.ctx.cancel = self.stopping
+
+    def _teardown(self, wait: bool) -> None:
+        self.series_pool.shutdown(wait=wait, cancel_futures=True)
+        self.workers.close()
+        self.journal.close()
+
+    def _reload(self) -> None:
+        self.reload.clear()
+        try:
+            new = config_mod.load(self.cfg_path)
+        except config_mod.ConfigError as exc:
+            log.error("config_reload_refused: %s; the running config stays in force", exc)
+            notify("STATUS=config reload refused; running with the previous config")
+            return
+        if self.running:
+            log.info("config_reload: waiting for %d series in progress", len(self.running))
+            for run in list(self.running.values()):
+                run.future.result()
+            self._collect(time.monotonic())
+        self._teardown(wait=True)
+        observer_changed = new.paths.inbox != self.cfg.paths.inbox or new.watch != self.cfg.watch
+        self.cfg = new
+        self._setup()
+        if observer_changed:
+            self.observer.stop()
+            self.observer = start_observer(self.cfg.paths.inbox, self.mode, self.changes, self.cfg.watch.poll_seconds)
+        self._scan(time.monotonic())
+        log.info("config_reloaded from %s", self.cfg_path)
+
+    # -- main loop ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        removed = clean_stale_temps(cfg.paths.outbox)
+        if removed:
+            log.info("removed %d unfinished temporary file(s) left by an interrupted run", removed)
+        self.mode = choose_mode(cfg.watch.mode, cfg.paths.inbox)
+        self.observer = start_observer(cfg.paths.inbox, self.mode, self.changes, cfg.watch.poll_seconds)
+        now = time.monotonic()
+        self._scan(now)
+        next_scan = now + cfg.watch.rescan_seconds
+        notify("READY=1")
+        self._status()
+        ping = watchdog_interval()
+        next_ping = 0.0
+        next_status = 0.0
+        log.info("daemon_ready: inbox %s, %s, %d worker(s)", cfg.paths.inbox, self.mode,
+                 cfg.processing.worker_count())
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if self.reload.is_set():
+                self._reload()
+                next_scan = now + self.cfg.watch.rescan_seconds
+            self._drain(now)
+            if now >= next_scan:
+                self._scan(now)
+                next_scan = now + self.cfg.watch.rescan_seconds
+            self._parse_stable(now)
+            self._collect(now)
+            if now >= self.paused_until:
+                self._start_complete(now)
+            if ping is not None and now >= next_ping:
+                notify("WATCHDOG=1")
+                next_ping = now + ping
+            if now >= next_status:
+                self._status()
+                next_status = now + 5.0
+            self.stopping.wait(TICK)
+        return self._shutdown()
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.reload.set()
+
+    def _shutdown(self) -> int:
+        notify("STOPPING=1")
+        log.info("daemon_stopping: %d series in progress are cancelled and will be redone", len(self.running))
+        self.observer.stop()
+        for run in self.running.values():
+            run.future.cancel()
+        deadline = time.monotonic() + 20.0
+        for run in list(self.running.values()):
+            try:
+                run.future.result(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                pass
+        self._collect(time.monotonic())
+        self._teardown(wait=False)
+        log.info("daemon_stopped")
+        return 0
+
+    def _status(self) -> None:
+        collecting = len([s for s in self.tracker.series.values() if not s.in_flight])
+        notify(
+            f"STATUS={len(self.running)} processing, {collecting} collecting, "
+            f"{self.stats.delivered} delivered, {self.stats.quarantined} quarantined"
+        )
+
+    # -- noticing -------------------------------------------------------------------------------------
+    def _drain(self, now: float) -> None:
+        seen: set[Path] = set()
+        for _ in range(10000):
+            try:
+                path = self.changes.get_nowait()
+            except queue.Empty:
+                break
+            if path not in seen:
+                seen.add(path)
+                self._observe(path, now)
+
+    def _observe(self, path: Path, now: float) -> None:
+        inbox = self.cfg.paths.inbox
+        if inbox not in path.parents:
+            return
+        if any(part.startswith(".") for part in path.relative_to(inbox).parts[:-1]):
+            return
+        if path.name in self.cfg.completion.markers:
+            if path.exists():
+                self.tracker.marker(path.parent, now)
+            return
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self.tracker.vanished(path, now)
+            return
+        except OSError:
+            return
+        if not path.is_file() or is_ignored(path.name, self.cfg.input.ignore):
+            return
+        self.tracker.observe(path, st.st_size, st.st_mtime_ns, now)
+
+    def _scan(self, now: float) -> None:
+        """Start-up scan and periodic rescan: stat everything; vanished files are forgotten."""
+        present: set[Path] = set()
+        for dirpath, dirnames, filenames in os.walk(self.cfg.paths.inbox):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+            for name in filenames:
+                path = Path(dirpath) / name
+                present.add(path)
+                self._observe(path, now)
+        for path in [p for p in self.tracker.files if p not in present and not self._is_member(p)]:
+            self.tracker.vanished(path, now)
+
+    def _is_member(self, path: Path) -> bool:
+        return (self.cfg.paths.state / "unpacked") in path.parents
+
+    # -- reading headers ------------------------------------------------------------------------------
+    def _parse_stable(self, now: float) -> None:
+        for path in self.tracker.stable(now)[:2000]:
+            if path.name.upper() == "DICOMDIR":
+                self._dicomdir(path)
+                self.tracker.parsed(path, None, now)
+                continue
+            if not self._is_member(path) and containers.is_zip(path):
+                self.tracker.parsed(path, None, now)
+                self._unpack(path, now)
+                continue
+            self._place(path, now)
+
+    def _place(self, path: Path, now: float, container: Path | None = None) -> None:
+        inbox = self.cfg.paths.inbox
+        rel = str(path.relative_to(inbox)) if inbox in path.parents else path.name
+        if container is not None:
+            rel = f"{container.relative_to(inbox)}!{path.name}"
+        item = read_info(path, rel, container)
+        if isinstance(item, FileInfo):
+            if self.journal.is_delivered(item.rel, item.size, item.mtime_ns):
+                self.tracker.parsed(path, None, now)  # delivered earlier (on_success = keep)
+                return
+            self.tracker.parsed(path, item, now, expected=_expected_count(path))
+            return
+        self.tracker.parsed(path, None, now)
+        if item.code == "dicomdir":
+            self._dicomdir(path)
+            return
+        info = FileInfo(path, rel, 0, 0, "", "", "", None, container)
+        summary = Summary()
+        _quarantine(self.ctx, [info], QuarantineReason(item.code, item.message), summary)
+        self.stats.quarantined += 1
+
+    def _unpack(self, zip_path: Path, now: float) -> None:
+        cfg = self.cfg
+        dest = unpack_dir(cfg.paths.state, zip_path)
+        limits = containers.ZipLimits(cfg.input.max_zip_entries, cfg.input.max_zip_bytes, cfg.input.max_zip_ratio)
+        try:
+            if dest.exists():
+                shutil.rmtree(dest)
+            members = containers.unpack_zip(zip_path, dest, limits)
+        except containers.ContainerRejected as exc:
+            quarantine_files([zip_path], inbox=cfg.paths.inbox, quarantine=cfg.paths.quarantine,
+                             reason=QuarantineReason("zip-rejected", exc.reason))
+            log.warning("zip-rejected: a ZIP container went to quarantine: %s", exc.reason)
+            self.stats.quarantined += 1
+            return
+        self.containers[zip_path] = members
+        for member in members:
+            st = member.stat()
+            self.tracker.observe(member, st.st_size, st.st_mtime_ns, now - self.cfg.watch.stable_seconds)
+            self._place(member, now, container=zip_path)
+
+    def _dicomdir(self, path: Path) -> None:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except Exception:
+            return
+        listing: dict[str, set[str]] = {}
+        current: set[str] | None = None
+        for rec in ds.get("DirectoryRecordSequence", []):
+            kind = str(rec.get("DirectoryRecordType", "")).upper()
+            if kind == "SERIES":
+                current = listing.setdefault(str(rec.get("SeriesInstanceUID", "")), set())
+            elif kind not in ("PATIENT", "STUDY") and current is not None:
+                uid = str(rec.get("ReferencedSOPInstanceUIDInFile", "") or "")
+                if uid:
+                    current.add(uid)
+        self.tracker.dicomdir(path.parent, listing)
+
+    # -- processing -----------------------------------------------------------------------------------
+    def _start_complete(self, now: float) -> None:
+        for state, why in self.tracker.complete(now):
+            if state.key in self.running or self.stopping.is_set():
+                continue
+            files = self.tracker.take(state)
+            if "max_wait" in why:
+                log.warning("series_complete by timeout (%s); processing what has arrived", why)
+            else:
+                log.info("series_complete: %d file(s): %s", len(files), why)
+            summary = Summary()
+            future = self.series_pool.submit(process_series, self.ctx, files, self.workers, summary)
+            future.summary = summary  # type: ignore[attr-defined]
+            self.running[state.key] = _Running(state, files, future, now)
+
+    def _collect(self, now: float) -> None:
+        for key, run in list(self.running.items()):
+            if not run.future.done():
+                continue
+            del self.running[key]
+            try:
+                outcome = run.future.result()
+            except Cancelled:
+                run.state.in_flight = False
+                continue
+            except OSError as exc:
+                run.state.in_flight = False
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.paused_until = now + DISK_FULL_PAUSE
+                    log.error("outbox_full: no space left for output; pausing %d s, the series will be redone",
+                              DISK_FULL_PAUSE)
+                else:
+                    log.error("series_failed: %s; it will be retried", exc)
+                run.state.processed_at = None
+                run.state.last_change = now  # retry after the settle time
+                continue
+            except Exception:
+                log.exception("series_failed unexpectedly; it will be retried after the settle time")
+                run.state.in_flight = False
+                run.state.last_change = now
+                continue
+            finish_series(self.cfg, self.journal, outcome, getattr(run.future, "summary", Summary()))
+            if outcome.state == "delivered":
+                self.stats.delivered += 1
+            elif outcome.state in ("quarantined", "gated"):
+                self.stats.quarantined += 1
+            self.tracker.done(key, [f.path for f in run.files], now)
+            self._finish_containers()
+            if self.cfg.input.on_success != "keep":
+                prune_empty_dirs(self.cfg.paths.inbox)
+
+    def _finish_containers(self) -> None:
+        """A ZIP container goes (per on_success) once every member is delivered or in quarantine."""
+        for zip_path, members in list(self.containers.items()):
+            if any(self._member_pending(m) for m in members):
+                continue
+            dispose(self.cfg, [zip_path])
+            shutil.rmtree(unpack_dir(self.cfg.paths.state, zip_path), ignore_errors=True)
+            for member in members:
+                self.tracker.vanished(member, time.monotonic())
+            del self.containers[zip_path]
+
+    def _member_pending(self, member: Path) -> bool:
+        seen = self.tracker.files.get(member)
+        if seen is None or seen.bad:
+            return False
+        if seen.info is None:
+            return True
+        state = self.tracker.series.get(seen.info.series_key)
+        return state is not None and (state.in_flight or state.processed_at is None)
+
+
+def _expected_count(path: Path) -> int | None:
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[0x00201002])
+        value = ds.get("ImagesInAcquisition")
+        return int(value) if value not in (None, "") else None
+    except Exception:
+        return None
+
+
+def run(cfg_path: Path) -> int:
+    return Service(cfg_path).run()
