@@ -71,7 +71,7 @@ def test_move_needs_done_and_bad_formats(site: Site) -> None:
     site.config.write_text(site.config.read_text().replace('done = "done"\n', ""))
     text = site.config.read_text() + "\n[input]\non_success = \"move\"\n"
     site.config.write_text(text)
-    with pytest.raises(config.ConfigError, match="paths.done"):
+    with pytest.raises(config.ConfigError, match=r"paths\.done"):
         config.load(site.config)
     site.write_config(profile_extra='patient_id_format = "ANON"')
     with pytest.raises(config.ConfigError, match=r"\{digest\}"):

@@ -14,7 +14,7 @@ from anondrop.deid import _ps315
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "daemon" / "tools"))
-import gen_ps315  # noqa: E402
+import gen_ps315
 
 SOURCE = gen_ps315.DEFAULT_SOURCE
 

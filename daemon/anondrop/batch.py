@@ -162,9 +162,10 @@ def _finish_containers(cfg: Config, inv: Inventory, handled: set[Path]) -> None:
                 members.setdefault(f.container, []).append(f.path)
     for container in inv.containers:
         paths = members.get(container, [])
+        unpacked = _unpacked(cfg, container)  # named from the ZIP's stat: take it before disposal
         if all(p in handled for p in paths):
             dispose(cfg, [container])
-        shutil.rmtree(_unpacked(cfg, container), ignore_errors=True)
+        shutil.rmtree(unpacked, ignore_errors=True)
 
 
 def _dispose_dicomdirs(cfg: Config, inv: Inventory) -> None:

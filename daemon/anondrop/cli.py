@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import timedelta
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 

@@ -16,7 +16,7 @@ def notify(message: str) -> bool:
     if not address:
         return False
     try:
-        from systemd import daemon  # type: ignore[import-not-found, unused-ignore]
+        from systemd import daemon  # type: ignore[import-not-found, attr-defined, unused-ignore]
 
         return bool(daemon.notify(message))
     except ImportError:

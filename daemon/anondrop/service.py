@@ -12,6 +12,7 @@ a restart redoes them), exit 0. SIGHUP: reload the config; an invalid one is ref
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from pydicom import dcmread
+from watchdog.observers.api import BaseObserver
 
 from anondrop import config as config_mod
 from anondrop.batch import finish_series
@@ -84,6 +86,8 @@ class Service:
         self.containers: dict[Path, list[Path]] = {}  # inbox ZIP -> unpacked member paths
         self.stats = Stats()
         self.paused_until = 0.0
+        self.mode = "inotify"
+        self.observer: BaseObserver | None = None
         self._setup()
 
     # -- set-up and reload ----------------------------------------------------------------------------
@@ -121,7 +125,7 @@ class Service:
         observer_changed = new.paths.inbox != self.cfg.paths.inbox or new.watch != self.cfg.watch
         self.cfg = new
         self._setup()
-        if observer_changed:
+        if observer_changed and self.observer is not None:
             self.observer.stop()
             self.observer = start_observer(self.cfg.paths.inbox, self.mode, self.changes, self.cfg.watch.poll_seconds)
         self._scan(time.monotonic())
@@ -179,15 +183,14 @@ class Service:
     def _shutdown(self) -> int:
         notify("STOPPING=1")
         log.info("daemon_stopping: %d series in progress are cancelled and will be redone", len(self.running))
-        self.observer.stop()
+        if self.observer is not None:
+            self.observer.stop()
         for run in self.running.values():
             run.future.cancel()
         deadline = time.monotonic() + 20.0
         for run in list(self.running.values()):
-            try:
+            with contextlib.suppress(Exception):  # a cancelled series is redone after the restart
                 run.future.result(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:
-                pass
         self._collect(time.monotonic())
         self._teardown(wait=False)
         log.info("daemon_stopped")

@@ -38,6 +38,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence
+from pydicom.uid import UID as UIDType
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -454,10 +455,10 @@ def _new_meta(
         for elem in old:
             if int(elem.tag) not in META_REMOVE and int(elem.tag) != 0x00020000:
                 meta.add(elem)
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ts
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UIDType(ds.SOPClassUID)
+    meta.MediaStorageSOPInstanceUID = UIDType(ds.SOPInstanceUID)
+    meta.TransferSyntaxUID = UIDType(ts)
+    meta.ImplementationClassUID = UIDType(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     meta.FileMetaInformationVersion = b"\x00\x01"
     return meta
@@ -547,8 +548,8 @@ def deidentify_bytes(
 
     if ts in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian) or not little:
         # Rare encodings: let pydicom write the whole file (values are filled in first).
-        for t in list(ds.keys()):
-            fill(ds, int(t))
+        for key in list(ds.keys()):
+            fill(ds, int(key))
         ds.file_meta = new_meta
         buf = BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
@@ -579,6 +580,7 @@ def deidentify_bytes(
             if isinstance(elem, RawDataElement) and elem.value is None:
                 fill(ds, t)
                 elem = raw_item(ds, t)
+            assert elem is not None
             write_data_element(fp, elem, encodings)
             chunk = fp.getvalue()
         parts.append(chunk)
@@ -601,10 +603,9 @@ def _raw_span(
     """The input byte span of an unchanged, defined-length raw element, or None to encode it."""
     if not isinstance(elem, RawDataElement) or elem is not before:
         return None
-    if implicit:
-        header = 8
-    else:
-        header = 12 if elem.VR in LONG_HEADER_VRS else 8  # PS3.5 7.1.2: 32-bit length after 2 reserved bytes
+    # PS3.5 7.1: implicit VR headers are 8 bytes; explicit OB/OW/SQ/UN/UT/... have 2 reserved bytes and a
+    # 32-bit length (12 bytes), the others a 16-bit length (8 bytes).
+    header = 8 if implicit or elem.VR not in LONG_HEADER_VRS else 12
     start = elem.value_tell - header
     if elem.length == 0xFFFFFFFF:
         if elem.value is not None or elem.VR == "SQ":

@@ -11,7 +11,8 @@ an odd character set or an element the engine did not know. Hits are reported wi
 the kind of identifier, never the value itself, so that the report is safe to log.
 
 Limits (documented in the README): name words and IDs shorter than 3 characters are not searched (they
-match everywhere); dates are searched as YYYYMMDD, YYYY-MM-DD, YYYY/MM/DD, DD.MM.YYYY and MM/DD/YYYY.
+match everywhere); dates are searched as YYYYMMDD and with '-', '/' or '.' between year-month-day,
+day-month-year and month-day-year.
 """
 
 from __future__ import annotations
@@ -184,16 +185,19 @@ class Identifiers:
         alts: list[bytes] = []
         for date in sorted(self.dates):
             y, m, d = date[:4], date[4:6], date[6:8]
-            forms = {date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{d}.{m}.{y}", f"{m}/{d}/{y}"}
+            forms = {date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}",
+                     f"{d}-{m}-{y}", f"{m}/{d}/{y}", f"{m}-{d}-{y}"}
             for form in sorted(forms):
                 alts.append(b"(?<![0-9])" + re.escape(form.encode()) + b"(?![0-9])")
         for _kind, text in sorted(self.phrases):
-            for enc in ("utf-8", "latin-1"):
-                try:
-                    raw = text.encode(enc)
-                except UnicodeEncodeError:
-                    continue
-                alts.append(b"(?<![A-Za-z0-9])" + re.escape(raw) + b"(?![A-Za-z0-9])")
+            # re.IGNORECASE folds ASCII only in bytes patterns: spell out the case forms of non-ASCII text.
+            for form in {text, text.upper(), text.lower(), text.title(), text.capitalize()}:
+                for enc in ("utf-8", "latin-1"):
+                    try:
+                        raw = form.encode(enc)
+                    except UnicodeEncodeError:
+                        continue
+                    alts.append(b"(?<![A-Za-z0-9])" + re.escape(raw) + b"(?![A-Za-z0-9])")
         if not alts:
             return None
         return re.compile(b"|".join(sorted(set(alts))), re.IGNORECASE)
@@ -248,11 +252,12 @@ class _Collector:
         self.uids: set[str] = set()
 
     def add_text(self, kind: str, text: str) -> None:
-        text = text.strip().strip("\0").strip().upper()
-        if len(text) < MIN_TOKEN or text in STOP_WORDS:
+        text = text.strip().strip("\0").strip()
+        upper = text.upper()
+        if len(text) < MIN_TOKEN or upper in STOP_WORDS:
             return
         if text.isascii() and text.isalnum():
-            self.words.setdefault(text, kind)
+            self.words.setdefault(upper, kind)
         else:
             self.phrases.add((kind, text))
 

@@ -1,0 +1,281 @@
+"""Series ZIPs: exact entries and manifest, atomic appearance, no overwrite, clean-up of crashed runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from anondrop import package
+from anondrop.package import SeriesZip, clean_stale_temps, fsync_dir, unique_path
+from tests.conftest import require_tool
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def everything(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_entries_and_manifest(tmp_path: Path) -> None:
+    final = tmp_path / "out" / "PAT" / "STUDY" / "CT_1_series.zip"
+    blobs = {"IM00001.dcm": os.urandom(5000), "IM00002.dcm": b"second", "sub/IM00003.dcm": b""}
+    with SeriesZip(final) as z:
+        digests = {name: z.add(name, data) for name, data in blobs.items()}
+        assert z.commit({"format": "anondrop-series/1", "instances": 3}) == final
+    with zipfile.ZipFile(final) as zf:
+        assert zf.testzip() is None
+        assert zf.namelist() == [*blobs, "manifest.json"]  # manifest last
+        manifest = json.loads(zf.read("manifest.json"))
+        for name, data in blobs.items():
+            assert zf.read(name) == data
+        # The processing date would hint at the acquisition date: entries carry the ZIP epoch.
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    assert manifest["format"] == "anondrop-series/1"
+    assert manifest["instances"] == 3
+    assert manifest["entries"] == [
+        {"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in blobs.items()
+    ]
+    assert digests == {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()}
+    assert everything(final.parent) == ["CT_1_series.zip"]
+
+
+def test_readers_never_see_a_partial_zip(tmp_path: Path) -> None:
+    final = tmp_path / "series.zip"
+    z = SeriesZip(final)
+    z.add("IM00001.dcm", b"x" * 10000)
+    # While writing: no final name, nothing a `*.zip` glob or a non-hidden listing would pick up.
+    assert not final.exists()
+    assert list(tmp_path.glob("*.zip")) == []
+    assert visible(tmp_path) == []
+    [temp] = tmp_path.iterdir()
+    assert temp == z.temp_path
+    assert temp.name.startswith(f".series.zip.tmp-{os.getpid()}-")
+    z.commit({})
+    assert everything(tmp_path) == ["series.zip"]
+
+
+def test_commit_order_file_fsync_then_rename_then_folder_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, package.rename_no_replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+        real_fsync(fd)
+
+    def rename(src: Path, dst: Path) -> None:
+        calls.append("rename")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(package, "rename_no_replace", rename)
+    with SeriesZip(tmp_path / "new" / "deeper" / "s.zip") as z:
+        z.add("a", b"a")
+        z.commit({})
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to tell files from folders")
+    # file data durable before the name appears; then the folder, and each newly created folder's parent
+    assert calls == ["fsync-file", "rename", "fsync-dir", "fsync-dir", "fsync-dir"]
+
+
+def test_exception_in_block_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="boom"), SeriesZip(tmp_path / "s.zip") as z:
+        z.add("a", b"a")
+        raise RuntimeError("boom")
+    assert everything(tmp_path) == []
+
+
+def test_abort_leaves_nothing_and_is_idempotent(tmp_path: Path) -> None:
+    z = SeriesZip(tmp_path / "s.zip")
+    z.add("a", b"a")
+    z.abort()
+    z.abort()
+    assert everything(tmp_path) == []
+    with pytest.raises(RuntimeError, match="already aborted"):
+        z.add("b", b"b")
+    with pytest.raises(RuntimeError, match="already aborted"):
+        z.commit({})
+
+
+def test_leaving_the_block_without_commit_removes_the_temp(tmp_path: Path) -> None:
+    with SeriesZip(tmp_path / "s.zip") as z:
+        z.add("a", b"a")
+    assert everything(tmp_path) == []
+
+
+def test_commit_refuses_to_overwrite(tmp_path: Path) -> None:
+    final = tmp_path / "s.zip"
+    final.write_bytes(b"delivered earlier")
+    z = SeriesZip(final)
+    z.add("a", b"a")
+    with pytest.raises(FileExistsError):
+        z.commit({})
+    assert final.read_bytes() == b"delivered earlier"
+    assert everything(tmp_path) == ["s.zip"]  # the temp file went too
+
+
+def test_no_overwrite_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(package, "_renameat2", None)  # as on a system whose libc lacks the call
+    final = tmp_path / "s.zip"
+    with SeriesZip(final) as z:
+        z.add("a", b"a")
+        z.commit({})
+    assert zipfile.ZipFile(final).read("a") == b"a"
+    with pytest.raises(FileExistsError), SeriesZip(final) as z:
+        z.commit({})
+    assert zipfile.ZipFile(final).read("a") == b"a"
+    assert everything(tmp_path) == ["s.zip"]
+
+
+def test_double_commit_is_an_error(tmp_path: Path) -> None:
+    z = SeriesZip(tmp_path / "s.zip")
+    z.commit({})
+    with pytest.raises(RuntimeError, match="already committed"):
+        z.commit({})
+
+
+@pytest.mark.parametrize(
+    "name", ["", "/abs.dcm", "../up.dcm", "a/../b", "a\\b.dcm", "a//b", "./a", "dir/", "C:x", "x\ny", "manifest.json"]
+)
+def test_bad_entry_names_are_refused(tmp_path: Path, name: str) -> None:
+    with SeriesZip(tmp_path / "s.zip") as z:
+        with pytest.raises(ValueError, match="entry name"):
+            z.add(name, b"x")
+        z.add("ok", b"still usable after a refused name")
+        z.commit({})
+
+
+def test_duplicate_entry_names_are_refused(tmp_path: Path) -> None:
+    with SeriesZip(tmp_path / "s.zip") as z:
+        z.add("IM1.dcm", b"1")
+        with pytest.raises(ValueError, match="already in the ZIP"):
+            z.add("IM1.dcm", b"again")
+        with pytest.raises(ValueError, match="already in the ZIP"):
+            z.add("im1.DCM", b"case only")  # would collide when unpacked on Windows or macOS
+        z.commit({})
+
+
+def test_manifest_entries_key_is_reserved(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="entries"), SeriesZip(tmp_path / "s.zip") as z:
+        z.commit({"entries": []})
+    assert everything(tmp_path) == []
+
+
+def test_unserialisable_manifest_leaves_nothing(tmp_path: Path) -> None:
+    z = SeriesZip(tmp_path / "s.zip")
+    z.add("a", b"a")
+    with pytest.raises(TypeError):
+        z.commit({"when": object()})
+    assert everything(tmp_path) == []
+
+
+@pytest.mark.parametrize("compression", ["stored", "deflate"])
+def test_stored_and_deflate_are_readable_by_zipfile_and_unzip(tmp_path: Path, compression: str) -> None:
+    final = tmp_path / f"{compression}.zip"
+    data = b"DICM" + bytes(100_000) + os.urandom(1000)
+    with SeriesZip(final, compression=compression, compresslevel=9) as z:  # type: ignore[arg-type]
+        z.add("IM00001.dcm", data)
+        z.add("IM00002.dcm", b"")
+        z.commit({"n": 2})
+    expected = zipfile.ZIP_STORED if compression == "stored" else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(final) as zf:
+        assert {i.compress_type for i in zf.infolist()} == {expected}
+        assert zf.testzip() is None
+        assert zf.read("IM00001.dcm") == data
+    unzip = require_tool("unzip")
+    test = subprocess.run([unzip, "-t", str(final)], capture_output=True, text=True)
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "No errors detected" in test.stdout
+    listing = subprocess.run([unzip, "-Z", "-l", str(final)], capture_output=True, text=True, check=True)
+    assert "-rw-r--r--" in listing.stdout  # unpacks readable, not owner-only
+
+
+def test_zip64_when_the_entry_count_needs_it(tmp_path: Path) -> None:
+    final = tmp_path / "many.zip"
+    n = 65_536  # one more than the classic end record can count
+    with SeriesZip(final) as z:
+        for i in range(n):
+            z.add(f"{i}", b"")
+        z.commit({})
+    with zipfile.ZipFile(final) as zf:
+        assert len(zf.infolist()) == n + 1
+    unzip = require_tool("unzip")
+    assert subprocess.run([unzip, "-tq", str(final)], capture_output=True).returncode == 0
+
+
+def test_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="compression"):
+        SeriesZip(tmp_path / "s.zip", compression="lzma")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="compresslevel"):
+        SeriesZip(tmp_path / "s.zip", compresslevel=10)
+    assert everything(tmp_path) == []
+
+
+# -- housekeeping -----------------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+def test_clean_stale_temps(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    (outbox / "p" / "s").mkdir(parents=True)
+    dead = _dead_pid()
+    crashed = outbox / "p" / "s" / f".a.zip.tmp-{dead}-0123abcd"
+    old_own = outbox / f".b.zip.tmp-{os.getpid()}-aaaa0000"
+    live = outbox / f".c.zip.tmp-{os.getpid()}-bbbb1111"
+    kept = [outbox / "p" / "s" / "done.zip", outbox / ".hidden", outbox / "notes.tmp-1-2", live]
+    for p in [crashed, old_own, *kept]:
+        p.write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old_own, (hours_ago, hours_ago))  # a pid reused since the crash: age decides
+    assert clean_stale_temps(outbox) == 2
+    assert not crashed.exists() and not old_own.exists()
+    assert all(p.exists() for p in kept)
+    assert clean_stale_temps(outbox) == 0
+    assert clean_stale_temps(tmp_path / "no-such-outbox") == 0
+
+
+def test_clean_stale_temps_spares_a_live_writer_and_takes_an_abandoned_one(tmp_path: Path) -> None:
+    z = SeriesZip(tmp_path / "s.zip")
+    z.add("a", b"a")
+    assert clean_stale_temps(tmp_path) == 0  # this process is alive: the writer may still finish
+    # A crashed writer: its process is gone, its file stays.
+    os.link(z.temp_path, z.temp_path.with_name(f".s.zip.tmp-{_dead_pid()}-deadbeef"))
+    assert clean_stale_temps(tmp_path) == 1
+    z.commit({})
+    assert everything(tmp_path) == ["s.zip"]
+
+
+def test_unique_path(tmp_path: Path) -> None:
+    p = tmp_path / "CT_1_x.zip"
+    assert unique_path(p) == p
+    p.write_bytes(b"")
+    assert unique_path(p) == tmp_path / "CT_1_x_v2.zip"
+    (tmp_path / "CT_1_x_v2.zip").write_bytes(b"")
+    (tmp_path / "CT_1_x_v3.zip").symlink_to(tmp_path / "nowhere")  # a dangling link still takes the name
+    assert unique_path(p) == tmp_path / "CT_1_x_v4.zip"
+    d = tmp_path / "IM1.dcm"
+    d.write_bytes(b"")
+    assert unique_path(d) == tmp_path / "IM1_v2.dcm"
+
+
+def test_fsync_dir(tmp_path: Path) -> None:
+    fsync_dir(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        fsync_dir(tmp_path / "missing")
