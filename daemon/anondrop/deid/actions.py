@@ -152,3 +152,22 @@ def shift_dt(value: str, days: int) -> str:
         date = _shift_date_text(match.group(1), days)
         out.append(date + match.group(2) if date else "")
     return "\\".join(out)
+
+
+# Written dates in free text ("Prior CT 2023-11-14", "seen 14/11/2023", "3 March 2021", "Mar 3, 2021",
+# "20231114"): any date, not only the series' own, dates an event in the patient's life. Cleaning text
+# removes them unless full dates are retained.
+_MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+_DATE_TEXT = (
+    r"(?<![0-9])(?:19|20)[0-9]{2}[-/.][01]?[0-9][-/.][0-3]?[0-9](?![0-9])"
+    r"|(?<![0-9])[0-3]?[0-9][-/.][01]?[0-9][-/.](?:19|20)?[0-9]{2}(?![0-9])"
+    r"|(?<![0-9])(?:19|20)[0-9]{2}[01][0-9][0-3][0-9](?![0-9])"
+    rf"|(?<![0-9A-Za-z])[0-3]?[0-9](?:st|nd|rd|th)?\s+{_MONTHS}\s+(?:19|20)[0-9]{{2}}(?![0-9])"
+    rf"|(?<![A-Za-z]){_MONTHS}\s+[0-3]?[0-9](?:st|nd|rd|th)?,?\s+(?:19|20)[0-9]{{2}}(?![0-9])"
+)
+FREE_TEXT_DATES = re.compile(_DATE_TEXT.encode(), re.IGNORECASE)
+_FREE_TEXT_DATES_STR = re.compile(_DATE_TEXT, re.IGNORECASE)
+
+
+def scrub_free_text_dates(text: str) -> str:
+    return _FREE_TEXT_DATES_STR.sub("[REMOVED]", text)

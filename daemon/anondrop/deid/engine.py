@@ -49,6 +49,7 @@ from pydicom.uid import (
 from anondrop import __version__
 from anondrop.deid import _ps315
 from anondrop.deid.actions import (
+    FREE_TEXT_DATES,
     LONG_HEADER_VRS,
     PIXEL_TAGS,
     TEXT_VRS,
@@ -56,6 +57,7 @@ from anondrop.deid.actions import (
     empty,
     is_well_known_uid,
     raw_item,
+    scrub_free_text_dates,
     shift_da,
     shift_dt,
     vr_of,
@@ -286,18 +288,28 @@ class _Walker:
 
     def _scrub(self, ds: Dataset, t: int, raw: DataElement | RawDataElement) -> None:
         # Fast check on the raw bytes first: most text holds no identifier and is never decoded.
+        scrub_dates = self.policy.date_mode != "keep"
         if isinstance(raw, RawDataElement):
-            if raw.value is not None and not self.ids.contains(raw.value):
-                return
             if raw.value is None and raw.length == 0:
+                return
+            if (
+                raw.value is not None
+                and not self.ids.contains(raw.value)
+                and not (scrub_dates and FREE_TEXT_DATES.search(raw.value))
+            ):
                 return
         elem = self._get(ds, t)
         if elem.value is None:
             return
+
+        def clean(text: str) -> str:
+            text = self.ids.scrub(text)
+            return scrub_free_text_dates(text) if scrub_dates else text
+
         if elem.VM > 1:
-            elem.value = [self.ids.scrub(str(v)) for v in elem.value]
+            elem.value = [clean(str(v)) for v in elem.value]
         else:
-            elem.value = self.ids.scrub(str(elem.value))
+            elem.value = clean(str(elem.value))
 
     def _uid(self, elem: DataElement) -> None:
         def one(v: str) -> str:
