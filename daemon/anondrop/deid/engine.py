@@ -466,7 +466,7 @@ def _new_meta(
     if old is not None:
         for elem in old:
             if int(elem.tag) not in META_REMOVE and int(elem.tag) != 0x00020000:
-                meta.add(elem)
+                meta.add(copy.deepcopy(elem))  # never share an element object with the input's meta
     meta.MediaStorageSOPClassUID = UIDType(ds.SOPClassUID)
     meta.MediaStorageSOPInstanceUID = UIDType(ds.SOPInstanceUID)
     meta.TransferSyntaxUID = UIDType(ts)

@@ -25,13 +25,13 @@ from io import BytesIO
 
 from pydicom import Dataset, dcmread
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
-from anondrop.deid.actions import FIXED_VALUES, NUMERIC_VRS, PIXEL_TAGS, is_well_known_uid, raw_item, vr_of
+from anondrop.deid.actions import FIXED_VALUES, NUMERIC_VRS, PIXEL_TAGS, is_well_known_uid, vr_of
 from anondrop.deid.policy import KEEP, Policy
 
 MIN_TOKEN = 3
@@ -129,7 +129,6 @@ IDENTIFYING_KEYWORDS = (
 IDENTIFYING_TAGS = frozenset(int(t) for k in IDENTIFYING_KEYWORDS if (t := tag_for_keyword(k)) is not None)
 
 _COLLECT_VRS = frozenset({"PN", "UI", "DA", "DT", "SQ"})
-_WORD = re.compile(rb"[A-Za-z0-9]+")
 _UIDISH = re.compile(rb"[0-9]+(?:\.[0-9]+)+")
 _SPLIT_NAME = re.compile(r"[\^=\s,./\\()\-]+")
 
@@ -172,53 +171,63 @@ class Identifiers:
         return dict(self.word_kinds)
 
     @cached_property
-    def _words_bytes(self) -> frozenset[bytes]:
-        return frozenset(w.encode("ascii") for w in self.words)
-
-    @cached_property
     def _uids_bytes(self) -> frozenset[bytes]:
         return frozenset(u.encode("ascii") for u in self.uids)
 
     @cached_property
-    def _pattern(self) -> re.Pattern[bytes] | None:
-        """One regex for dates (all written forms) and phrases; words and UIDs use set look-ups."""
-        alts: list[bytes] = []
-        for date in sorted(self.dates):
+    def _date_forms(self) -> frozenset[bytes]:
+        forms: set[bytes] = set()
+        for date in self.dates:
             y, m, d = date[:4], date[4:6], date[6:8]
-            forms = {date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}",
-                     f"{d}-{m}-{y}", f"{m}/{d}/{y}", f"{m}-{d}-{y}"}
-            for form in sorted(forms):
-                alts.append(b"(?<![0-9])" + re.escape(form.encode()) + b"(?![0-9])")
-        for _kind, text in sorted(self.phrases):
+            forms |= {f.encode() for f in (date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}",
+                                           f"{d}/{m}/{y}", f"{d}-{m}-{y}", f"{m}/{d}/{y}", f"{m}-{d}-{y}")}
+        return frozenset(forms)
+
+    @cached_property
+    def _pattern(self) -> re.Pattern[bytes] | None:
+        """One regex for name words, IDs, phrases and dates, so a search is one pass in C.
+
+        UIDs are found by their shape and looked up in a set instead: a series has hundreds of them.
+        """
+        texts: set[bytes] = {w.encode("ascii") for w in self.words}
+        for _kind, text in self.phrases:
             # re.IGNORECASE folds ASCII only in bytes patterns: spell out the case forms of non-ASCII text.
             for form in {text, text.upper(), text.lower(), text.title(), text.capitalize()}:
                 for enc in ("utf-8", "latin-1"):
                     try:
-                        raw = form.encode(enc)
+                        texts.add(form.encode(enc))
                     except UnicodeEncodeError:
                         continue
-                    alts.append(b"(?<![A-Za-z0-9])" + re.escape(raw) + b"(?![A-Za-z0-9])")
-        if not alts:
+        branches = []
+        if texts:
+            alts = b"|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t)))
+            branches.append(b"(?<![A-Za-z0-9])(?:" + alts + b")(?![A-Za-z0-9])")
+        if self.dates:
+            alts = b"|".join(re.escape(t) for t in sorted(self._date_forms, key=lambda t: (-len(t), t)))
+            branches.append(b"(?<![0-9])(?:" + alts + b")(?![0-9])")
+        if not branches:
             return None
-        return re.compile(b"|".join(sorted(set(alts))), re.IGNORECASE)
+        return re.compile(b"|".join(branches), re.IGNORECASE)
+
+    def _kind(self, match: bytes) -> str:
+        if match in self._date_forms:
+            return "date"
+        try:
+            return self._kind_of_word.get(match.decode("ascii").upper(), "text")
+        except UnicodeDecodeError:
+            return "text"
 
     def find(self, data: bytes) -> Iterator[str]:
         """Yield the kind of each identifier occurring in data (bytes of a header, a name, a manifest)."""
-        words = self._words_bytes
-        if words:
-            for m in _WORD.finditer(data):
-                token = m.group().upper()
-                if token in words:
-                    yield self._kind_of_word.get(token.decode("ascii"), "name")
+        pattern = self._pattern
+        if pattern is not None:
+            for m in pattern.finditer(data):
+                yield self._kind(m.group())
         uids = self._uids_bytes
         if uids:
             for m in _UIDISH.finditer(data):
                 if m.group() in uids:
                     yield "uid"
-        pattern = self._pattern
-        if pattern is not None:
-            for m in pattern.finditer(data):
-                yield "date" if m.group()[:1].isdigit() else "text"
 
     def contains(self, data: bytes) -> bool:
         return next(self.find(data), None) is not None
@@ -236,10 +245,6 @@ class Identifiers:
             out = pattern.sub(b"[REMOVED]", out)
         if self._uids_bytes:
             out = _UIDISH.sub(lambda m: b"[REMOVED]" if m.group() in self._uids_bytes else m.group(), out)
-        if self._words_bytes:
-            out = _WORD.sub(
-                lambda m: b"[REMOVED]" if m.group().upper() in self._words_bytes else m.group(), out
-            )
         return out.decode("utf-8", "surrogateescape")
 
 
@@ -273,52 +278,54 @@ class _Collector:
         if len(digits) == 8 and digits.isdigit() and digits not in FIXED_VALUES:
             self.dates.add(digits)
 
-    def element(self, elem: DataElement, action: str | None) -> None:
-        vr = elem.VR
-        if vr == "SQ" or action == KEEP:
+    def values(self, vr: str, tag: int, action: str | None, values: list[str]) -> None:
+        if action == KEEP:
             return
-        values = _values(elem.value)
-        tag = int(elem.tag)
         if vr == "PN":
             for v in values:
-                self.add_name(str(v))
+                self.add_name(v)
         elif vr == "UI":
             for v in values:
-                s = str(v).strip("\0 ")
-                if s and not is_well_known_uid(s):
-                    self.uids.add(s)
+                v = v.strip("\0 ")
+                if v and not is_well_known_uid(v):
+                    self.uids.add(v)
         elif vr == "DA" or vr == "DT":
             if self.policy.date_mode == "keep" and action is None:
                 return
             for v in values:
-                for part in str(v).split("-"):
+                for part in v.split("-"):
                     self.add_date(part)
         elif tag in IDENTIFYING_TAGS and vr not in NUMERIC_VRS:
             for v in values:
-                if isinstance(v, bytes):
-                    continue
-                self.add_text("id", str(v))
+                self.add_text("id", v)
 
-    def dataset(self, ds: Dataset) -> None:
-        # Work on raw elements: only values that can identify are decoded; pixel data and other bulk
+    def element(self, elem: DataElement, action: str | None) -> None:
+        if elem.VR == "SQ" or isinstance(elem.value, bytes):
+            return
+        self.values(elem.VR, int(elem.tag), action, [str(v) for v in _values(elem.value)])
+
+    def dataset(self, ds: Dataset, inherited: bool = True) -> None:
+        # Work on raw elements: only values that can identify are decoded, straight from their bytes when
+        # the character set allows (pydicom's conversion is the slow part); pixel data and other bulk
         # binary values are never touched.
-        for tag in list(ds.keys()):
+        fast = _fast_charset(ds, inherited)
+        for tag, item in list(ds._dict.items()):
             tag_int = int(tag)
             if tag_int in PIXEL_TAGS:
-                continue
-            item = raw_item(ds, tag)
-            if item is None:
                 continue
             vr = vr_of(item, tag_int)
             if vr not in _COLLECT_VRS and tag_int not in IDENTIFYING_TAGS:
                 continue
-            elem = ds[tag]
-            if elem.VR == "SQ":
-                for item in elem.value or []:
-                    self.dataset(item)
+            action = None if (tag_int >> 16) & 1 else self.policy.action(tag_int)
+            if vr == "SQ":
+                for child in ds[tag].value or []:
+                    self.dataset(child, fast)
                 continue
-            private = (tag_int >> 16) & 1
-            self.element(elem, None if private else self.policy.action(tag_int))
+            if fast and isinstance(item, RawDataElement) and item.value is not None and vr not in NUMERIC_VRS:
+                text = _decode(item.value)
+                self.values(vr, tag_int, action, text.split("\\") if text else [])
+                continue
+            self.element(ds[tag], action)
 
     def result(self) -> Identifiers:
         return Identifiers(
@@ -328,6 +335,29 @@ class _Collector:
             uids=frozenset(self.uids),
             word_kinds=tuple(sorted(self.words.items())),
         )
+
+
+_FAST_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 6", "ISO 2022 IR 100"})
+
+
+def _fast_charset(ds: Dataset, inherited: bool) -> bool:
+    """True when values can be decoded without pydicom (ASCII, Latin-1 or UTF-8, no code extensions)."""
+    raw = ds._dict.get(0x00080005)
+    if raw is None:
+        return inherited  # sequence items use their parent's character set
+    value = raw.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return all(str(v).strip() in _FAST_CHARSETS for v in value)
+    return str(value or "").strip() in _FAST_CHARSETS
+
+
+def _decode(value: bytes) -> str:
+    try:
+        return value.decode("utf-8").strip(" \0")
+    except UnicodeDecodeError:
+        return value.decode("latin-1").strip(" \0")
 
 
 def _values(value: object) -> list[object]:
