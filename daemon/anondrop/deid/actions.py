@@ -61,6 +61,8 @@ FIXED_VALUES = frozenset(
     {DUMMY_TEXT, DUMMY_DATE, DUMMY_TIME, DUMMY_DATETIME, "ANONYMOUS", "000Y", "YES", "NO", "[REMOVED]"}
 )
 
+# PS3.5 Table 6.2-1: maximum value length in characters (per value) of the text VRs the engine edits.
+MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240, "UC": None}
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
 STRING_VRS = TEXT_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "PN", "TM", "UI", "UR"}
 LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})

@@ -37,7 +37,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID as UIDType
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -45,12 +47,15 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import PersonName
 
 from anondrop import __version__
 from anondrop.deid import _ps315
 from anondrop.deid.actions import (
+    DUMMY_TEXT,
     FREE_TEXT_DATES,
     LONG_HEADER_VRS,
+    MAX_LENGTH,
     PIXEL_TAGS,
     TEXT_VRS,
     dummy,
@@ -62,7 +67,7 @@ from anondrop.deid.actions import (
     shift_dt,
     vr_of,
 )
-from anondrop.deid.gate import GateHit, Identifiers, collect_identifiers, scan_bytes
+from anondrop.deid.gate import GateHit, Identifiers, _fast_charset, collect_identifiers, scan_bytes
 from anondrop.deid.policy import (
     BURNED_IN_SUSPECT_MODALITIES,
     BURNED_IN_SUSPECT_SOP_PREFIXES,
@@ -80,6 +85,7 @@ from anondrop.deid.policy import (
 from anondrop.deid.pseudonyms import Keys
 
 DEFER_SIZE = 2048
+_ASCII_ONLY_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "DS", "IS"})
 SCRUB = "S"  # internal: keep free text but replace identifiers of the series inside it
 # Coded values are controlled terminology, not free text: kept inside dummied sequences.
 CODE_TAGS = frozenset(
@@ -203,7 +209,8 @@ class _Walker:
     # -- one dataset ---------------------------------------------------------------------------------
     def dataset(self, ds: Dataset, mode: str, top: bool) -> None:
         private: list[int] = []
-        for tag in list(ds.keys()):
+        action = self.policy.action
+        for tag, raw in list(ds._dict.items()):  # the stored elements, undecoded; no Tag() round trips
             t = int(tag)
             group = t >> 16
             if group & 1:
@@ -211,18 +218,18 @@ class _Walker:
                 continue
             if t & 0xFFFF == 0 or (group & 0xFF00) in (0x5000, 0x6000):
                 # Group lengths are stale after any edit (and retired); overlays/curves go whole.
-                self._remove(ds, t, "overlay/curve/group length")
+                self._remove(ds, t)
                 continue
             if group == 0x0002:
                 continue  # file meta in the body (malformed input); meta is rebuilt separately
             if top and t in PIXEL_TAGS:
                 continue  # never decoded, never changed
-            self.element(ds, t, self.policy.action(t), mode, top)
+            self.element(ds, t, action(t), mode, top, raw)
         if private:
             self._private(ds, private, mode)
 
-    def _remove(self, ds: Dataset, t: int, why: str = "") -> None:
-        del ds[t]
+    def _remove(self, ds: Dataset, t: int) -> None:
+        del ds._dict[BaseTag(t)]
         self.counts["removed"] += 1
 
     def _get(self, ds: Dataset, t: int) -> DataElement:
@@ -241,10 +248,14 @@ class _Walker:
             return DUMMY if mode == DUMMY else SCRUB
         return KEEP
 
-    def element(self, ds: Dataset, t: int, act: str | None, mode: str, top: bool) -> None:
-        raw = raw_item(ds, t)
+    def element(
+        self, ds: Dataset, t: int, act: str | None, mode: str, top: bool,
+        raw: DataElement | RawDataElement | None = None,
+    ) -> None:
         if raw is None:
-            return
+            raw = raw_item(ds, t)
+            if raw is None:
+                return
         vr = vr_of(raw, t)
         if act is None:
             act = self._net(vr, mode, t)
@@ -262,19 +273,30 @@ class _Walker:
         if act == SCRUB:
             self._scrub(ds, t, raw)
             return
-        elem = self._get(ds, t)
+        # Replacement values are written as new elements: the old value is decoded only where it is needed
+        # (UIDs, dates), and then straight from its ASCII bytes when it is still raw.
         if act == EMPTY:
-            elem.value = empty(vr)
+            self._put(ds, t, vr, empty(vr))
         elif act == DUMMY:
-            elem.value = dummy(vr)
+            self._put(ds, t, vr, dummy(vr))
         elif act == UID:
-            self._uid(elem)
+            self._put(ds, t, vr, self._uids(self._text(ds, t, raw)))
         elif act == PSEUDONYM:
-            self._pseudonym(elem, top)
+            self._pseudonym(ds, t, vr, raw, top)
         elif act == CLEAN:
-            self._clean(ds, t, elem, vr)
+            self._clean(ds, t, vr, raw)
         else:
-            raise ValueError(f"unknown action {act!r} for {elem.tag}")
+            raise ValueError(f"unknown action {act!r} for tag {t:08X}")
+
+    def _put(self, ds: Dataset, t: int, vr: str, value: object) -> None:
+        ds._dict[BaseTag(t)] = DataElement(t, vr, value)
+
+    def _text(self, ds: Dataset, t: int, raw: DataElement | RawDataElement) -> str:
+        """The value as text; ASCII-only VRs are decoded from their raw bytes without pydicom."""
+        if isinstance(raw, RawDataElement) and raw.value is not None and vr_of(raw, t) in _ASCII_ONLY_VRS:
+            return raw.value.decode("ascii", "replace").strip(" \0")
+        value = self._get(ds, t).value
+        return "" if value is None else _text(value)
 
     def _sequence(self, ds: Dataset, t: int, act: str, mode: str) -> None:
         self.counts[_STR_ACTIONS.get(act, act)] += 1
@@ -302,51 +324,51 @@ class _Walker:
         if elem.value is None:
             return
 
+        limit = MAX_LENGTH.get(elem.VR)
+
         def clean(text: str) -> str:
             text = self.ids.scrub(text)
-            return scrub_free_text_dates(text) if scrub_dates else text
+            text = scrub_free_text_dates(text) if scrub_dates else text
+            # "[REMOVED]" is longer than many a name: a value that no longer fits its VR becomes the dummy.
+            return DUMMY_TEXT if limit is not None and len(text) > limit else text
 
         if elem.VM > 1:
             elem.value = [clean(str(v)) for v in elem.value]
         else:
             elem.value = clean(str(elem.value))
 
-    def _uid(self, elem: DataElement) -> None:
+    def _uids(self, text: str) -> str:
         def one(v: str) -> str:
-            v = str(v).strip("\0 ")
+            v = v.strip("\0 ")
             return v if not v or is_well_known_uid(v) else self.keys.uid(v)
 
-        if elem.value is None:
-            return
-        if elem.VM > 1:
-            elem.value = [one(v) for v in elem.value]
-        else:
-            elem.value = one(elem.value)
+        return "\\".join(one(v) for v in text.split("\\")) if text else ""
 
-    def _pseudonym(self, elem: DataElement, top: bool) -> None:
+    def _pseudonym(self, ds: Dataset, t: int, vr: str, raw: DataElement | RawDataElement, top: bool) -> None:
         if top:
             pid, issuer = self.patient
         else:  # a patient named inside a sequence is pseudonymised on its own value
-            pid, issuer = str(elem.value or ""), ""
-        if int(elem.tag) == 0x00100020:
-            elem.value = self.keys.patient_id(pid, issuer)
+            pid, issuer = self._text(ds, t, raw), ""
+        if t == 0x00100020:
+            self._put(ds, t, vr, self.keys.patient_id(pid, issuer))
         else:
-            elem.value = self.keys.patient_name(pid, issuer) if top else dummy("PN")
+            self._put(ds, t, vr, self.keys.patient_name(pid, issuer) if top else dummy("PN"))
 
-    def _clean(self, ds: Dataset, t: int, elem: DataElement, vr: str) -> None:
-        value = elem.value
-        if value is None or value == "":
-            return
-        if vr == "DA":
-            elem.value = shift_da(_text(value), self.offset)
-        elif vr == "DT":
-            elem.value = shift_dt(_text(value), self.offset)
+    def _clean(self, ds: Dataset, t: int, vr: str, raw: DataElement | RawDataElement) -> None:
+        if vr in ("DA", "DT", "UI"):
+            text = self._text(ds, t, raw)
+            if not text:
+                return
+            if vr == "DA":
+                self._put(ds, t, vr, shift_da(text, self.offset))
+            elif vr == "DT":
+                self._put(ds, t, vr, shift_dt(text, self.offset))
+            else:
+                self._put(ds, t, vr, self._uids(text))
         elif vr == "PN":
-            elem.value = dummy("PN")
-        elif vr == "UI":
-            self._uid(elem)
+            self._put(ds, t, vr, dummy("PN"))
         elif vr in TEXT_VRS:
-            self._scrub(ds, t, elem)
+            self._scrub(ds, t, raw)
         # TM (a time of day moves with no date shift), codes and numbers: nothing identifying to clean.
 
     def _private(self, ds: Dataset, tags: list[int], mode: str) -> None:
@@ -415,8 +437,12 @@ def burned_in_verdict(ds: Dataset, policy: Policy) -> str | None:
     return None
 
 
-def _mark(ds: Dataset, policy: Policy) -> None:
-    """PS3.15 E.1.1: record that and how the instance was de-identified."""
+def _marks(policy: Policy) -> dict[int, DataElement]:
+    """PS3.15 E.1.1 marks for this policy, built once: they are the same for every instance."""
+    cached: dict[int, DataElement] | None = getattr(policy, "_marks", None)
+    if cached is not None:
+        return cached
+    ds = Dataset()
     ds.PatientIdentityRemoved = "YES"
     opts = [o for o in _ps315.OPTIONS if o in policy.options]
     ds.DeidentificationMethod = [
@@ -437,6 +463,15 @@ def _mark(ds: Dataset, policy: Policy) -> None:
         "shift": "MODIFIED",
         "remove": "REMOVED",
     }[policy.date_mode]
+    marks = {int(tag): ds[tag] for tag in ds.keys()}
+    object.__setattr__(policy, "_marks", marks)
+    return marks
+
+
+def _mark(ds: Dataset, policy: Policy, shared: bool) -> None:
+    """Record that and how the instance was de-identified (shared: reuse the policy's element objects)."""
+    for tag, elem in _marks(policy).items():
+        ds._dict[BaseTag(tag)] = elem if shared else copy.deepcopy(elem)
 
 
 def _report(ds: Dataset, counts: Counter[str], burned: str | None) -> Report:
@@ -476,12 +511,14 @@ def _new_meta(
     return meta
 
 
-def _apply(ds: Dataset, policy: Policy, keys: Keys, ids: Identifiers, fill: Callable[..., None]) -> Report:
+def _apply(
+    ds: Dataset, policy: Policy, keys: Keys, ids: Identifiers, fill: Callable[..., None], shared: bool = False
+) -> Report:
     _check_uids(ds)
     burned = burned_in_verdict(ds, policy)
     walker = _Walker(policy, keys, ids, patient_identity(ds), fill)
     walker.dataset(ds, mode=SCRUB, top=True)
-    _mark(ds, policy)
+    _mark(ds, policy, shared)
     return _report(ds, walker.counts, burned)
 
 
@@ -491,7 +528,7 @@ def deidentify(
     """De-identify a copy of ds (file meta included); the input is left untouched."""
     out = copy.deepcopy(ds)
     ids = identifiers if identifiers is not None else collect_identifiers(ds, policy)
-    report = _apply(out, policy, keys, ids, _no_fill)
+    report = _apply(out, policy, keys, ids, _no_fill, shared=False)
     old_meta = getattr(ds, "file_meta", None)
     ts = str(getattr(old_meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
     out.file_meta = _new_meta(old_meta, out, keys, policy, ts)
@@ -555,46 +592,53 @@ def deidentify_bytes(
 
     ids = identifiers if identifiers is not None else _ids_of(ds, policy, fill)
     original = {int(t): raw_item(ds, t) for t in ds.keys()}
-    report = _apply(ds, policy, keys, ids, fill)
-    new_meta = _new_meta(meta, ds, keys, policy, ts)
+    report = _apply(ds, policy, keys, ids, fill, shared=True)
 
     if ts in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian) or not little:
         # Rare encodings: let pydicom write the whole file (values are filled in first).
         for key in list(ds.keys()):
             fill(ds, int(key))
-        ds.file_meta = new_meta
+        ds.file_meta = _new_meta(meta, ds, keys, policy, ts)
         buf = BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
         out = buf.getvalue()
         hits = scan_bytes(out, ids, "")
         return Result(out, report, hits, 0, out, ids)
 
-    head = DicomBytesIO()
-    head.is_little_endian = True
-    head.is_implicit_VR = False
-    head.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(head, new_meta, enforce_standard=True)
-    parts: list[bytes | memoryview] = [head.getvalue()]
+    head = _meta_bytes(meta, ds, ts)
+    if head is None:  # unusual meta elements to carry over: let pydicom encode the meta
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_file_meta_info(fp, _new_meta(meta, ds, keys, policy, ts), enforce_standard=True)
+        head = fp.getvalue()
+    parts: list[bytes | memoryview] = [b"\0" * 128 + b"DICM" + head]
     gate_parts: list[bytes | memoryview] = [parts[0]]
     view = memoryview(data)
     encodings = ds._character_set
+    plain = _fast_charset(ds, True)
+    mark_bytes = _mark_bytes(policy, implicit, encodings)
     pixel_bytes = 0
-    for tag in sorted(ds.keys()):
+    for tag in sorted(ds._dict):
         t = int(tag)
-        elem = raw_item(ds, tag)
+        elem = ds._dict[tag]
         span = _raw_span(elem, original.get(t), implicit, data)
         if span is not None:
             chunk: bytes | memoryview = view[span[0] : span[1]]
+        elif id(elem) in mark_bytes:
+            chunk = mark_bytes[id(elem)]
         else:
-            fp = DicomBytesIO()
-            fp.is_little_endian = True
-            fp.is_implicit_VR = implicit
             if isinstance(elem, RawDataElement) and elem.value is None:
                 fill(ds, t)
-                elem = raw_item(ds, t)
-            assert elem is not None
-            write_data_element(fp, elem, encodings)
-            chunk = fp.getvalue()
+                elem = ds._dict[tag]
+            fast = _encode_simple(elem, implicit) if plain and isinstance(elem, DataElement) else None
+            if fast is not None:
+                chunk = fast
+            else:
+                fp = DicomBytesIO()
+                fp.is_little_endian = True
+                fp.is_implicit_VR = implicit
+                write_data_element(fp, elem, encodings)
+                chunk = fp.getvalue()
         parts.append(chunk)
         if t in PIXEL_TAGS:
             pixel_bytes += len(chunk)
@@ -604,6 +648,86 @@ def deidentify_bytes(
     header = b"".join(gate_parts)
     hits = scan_bytes(header, ids, "")
     return Result(out, report, hits, pixel_bytes, header, ids)
+
+
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UC",
+                        "UR", "UT"})
+
+
+def _encode_simple(elem: DataElement, implicit: bool) -> bytes | None:
+    """Encode an ASCII string value without pydicom's writer (most values the engine writes are these).
+
+    Anything else (numbers, binary, sequences, non-ASCII text) returns None and goes to pydicom.
+    """
+    vr = elem.VR
+    if vr not in _ASCII_VRS:
+        return None
+    value = elem.value
+    if value is None or value == "":
+        data = b""
+    elif type(value) is str or isinstance(value, PersonName):
+        text = str(value)
+        if not text.isascii():
+            return None
+        data = text.encode("ascii")
+    elif isinstance(value, (list, MultiValue)) and all(type(v) is str for v in value):
+        text = "\\".join(value)
+        if not text.isascii():
+            return None
+        data = text.encode("ascii")
+    else:
+        return None
+    if len(data) % 2:
+        data += b"\0" if vr == "UI" else b" "
+    tag = int(elem.tag)
+    group, element = tag >> 16, tag & 0xFFFF
+    if implicit:
+        return struct.pack("<HHL", group, element, len(data)) + data
+    if vr in LONG_HEADER_VRS:
+        return struct.pack("<HH2s2xL", group, element, vr.encode(), len(data)) + data
+    if len(data) > 0xFFFF:
+        return None
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(data)) + data
+
+
+def _mark_bytes(policy: Policy, implicit: bool, encodings: object) -> dict[int, bytes]:
+    """The marks encoded once per policy and encoding, keyed by the id of the shared element objects."""
+    cache: dict[bool, dict[int, bytes]] = getattr(policy, "_mark_bytes", None) or {}
+    if implicit not in cache:
+        out = {}
+        for elem in _marks(policy).values():
+            fp = DicomBytesIO()
+            fp.is_little_endian = True
+            fp.is_implicit_VR = implicit
+            write_data_element(fp, elem, ["iso8859"])  # ASCII content: the same bytes in any character set
+            out[id(elem)] = fp.getvalue()
+        cache[implicit] = out
+        object.__setattr__(policy, "_mark_bytes", cache)
+    return cache[implicit]
+
+
+_META_STANDARD = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013})
+
+
+def _meta_bytes(old: FileMetaDataset | None, ds: Dataset, ts: str) -> bytes | None:
+    """File meta (PS3.10 7.1) encoded directly; None when the input carries other meta elements to keep."""
+    if old is not None and any(int(t) not in _META_STANDARD and int(t) not in META_REMOVE for t in old.keys()):
+        return None
+    values = [
+        (0x00020002, "UI", str(ds.SOPClassUID)),
+        (0x00020003, "UI", str(ds.SOPInstanceUID)),
+        (0x00020010, "UI", ts),
+        (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
+        (0x00020013, "SH", IMPLEMENTATION_VERSION),
+    ]
+    body = [struct.pack("<HH2s2xL", 2, 1, b"OB", 2) + b"\x00\x01"]
+    for tag, vr, text in values:
+        data = text.encode("ascii")
+        if len(data) % 2:
+            data += b"\0" if vr == "UI" else b" "
+        body.append(struct.pack("<HH2sH", 2, tag & 0xFFFF, vr.encode(), len(data)) + data)
+    rest = b"".join(body)
+    return struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(rest)) + rest
 
 
 def _raw_span(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
@@ -198,16 +198,7 @@ class Identifiers:
                         texts.add(form.encode(enc))
                     except UnicodeEncodeError:
                         continue
-        branches = []
-        if texts:
-            alts = b"|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t)))
-            branches.append(b"(?<![A-Za-z0-9])(?:" + alts + b")(?![A-Za-z0-9])")
-        if self.dates:
-            alts = b"|".join(re.escape(t) for t in sorted(self._date_forms, key=lambda t: (-len(t), t)))
-            branches.append(b"(?<![0-9])(?:" + alts + b")(?![0-9])")
-        if not branches:
-            return None
-        return re.compile(b"|".join(branches), re.IGNORECASE)
+        return _compile(frozenset(texts), self._date_forms)
 
     def _kind(self, match: bytes) -> str:
         if match in self._date_forms:
@@ -246,6 +237,21 @@ class Identifiers:
         if self._uids_bytes:
             out = _UIDISH.sub(lambda m: b"[REMOVED]" if m.group() in self._uids_bytes else m.group(), out)
         return out.decode("utf-8", "surrogateescape")
+
+
+@lru_cache(maxsize=256)
+def _compile(texts: frozenset[bytes], dates: frozenset[bytes]) -> re.Pattern[bytes] | None:
+    # Cached: the files of one series mostly share their identifiers, and compiling is the slow part.
+    branches = []
+    if texts:
+        alts = b"|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t)))
+        branches.append(b"(?<![A-Za-z0-9])(?:" + alts + b")(?![A-Za-z0-9])")
+    if dates:
+        alts = b"|".join(re.escape(t) for t in sorted(dates, key=lambda t: (-len(t), t)))
+        branches.append(b"(?<![0-9])(?:" + alts + b")(?![0-9])")
+    if not branches:
+        return None
+    return re.compile(b"|".join(branches), re.IGNORECASE)
 
 
 class _Collector:

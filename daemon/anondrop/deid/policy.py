@@ -61,8 +61,20 @@ class Policy:
     def has(self, option: str) -> bool:
         return option in self.options
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_cache", {})
+
     def action(self, tag: int) -> str | None:
         """The action for a public tag, or None when no rule or table row names it (safety net applies)."""
+        cache: dict[int, str | None] = self._cache  # type: ignore[attr-defined]
+        try:
+            return cache[tag]
+        except KeyError:
+            pass
+        result = cache[tag] = self._lookup(tag)
+        return result
+
+    def _lookup(self, tag: int) -> str | None:
         site = self.site_rules.get(tag)
         if site is not None:
             return site
