@@ -29,6 +29,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
 from anondrop.deid.actions import FIXED_VALUES, NUMERIC_VRS, PIXEL_TAGS, is_well_known_uid, vr_of
@@ -348,15 +349,17 @@ _FAST_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "ISO 202
 
 def _fast_charset(ds: Dataset, inherited: bool) -> bool:
     """True when values can be decoded without pydicom (ASCII, Latin-1 or UTF-8, no code extensions)."""
-    raw = ds._dict.get(0x00080005)
+    raw = ds._dict.get(BaseTag(0x00080005))
     if raw is None:
         return inherited  # sequence items use their parent's character set
     value = raw.value
     if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return all(str(v).strip() in _FAST_CHARSETS for v in value)
-    return str(value or "").strip() in _FAST_CHARSETS
+        terms = value.decode("ascii", "replace").split("\\")
+    elif isinstance(value, (list, tuple, MultiValue)):
+        terms = [str(v) for v in value]
+    else:
+        terms = [str(value or "")]
+    return all(term.strip() in _FAST_CHARSETS for term in terms)
 
 
 def _decode(value: bytes) -> str:
