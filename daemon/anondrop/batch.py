@@ -44,7 +44,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     policy, keys = make_policy(cfg), make_keys(cfg)
     workers = Workers(cfg.processing.worker_count(), policy, keys)
     try:
-        inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary)
+        inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary, workers)
         ctx = Context(cfg, policy, keys, journal, cfg.paths.outbox)
         _quarantine_bad(ctx, inv, summary)
         todo = _pending(journal, inv, summary)
@@ -95,7 +95,7 @@ def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactor
     workers = Workers(cfg.processing.worker_count(), policy, keys)
     try:
         base = source if source.is_dir() else source.parent
-        inv = take_inventory(cfg, [source], base, summary)
+        inv = take_inventory(cfg, [source], base, summary, workers)
         ctx = Context(cfg, policy, keys, None, out, dispose=False)
         for bad in inv.bad + inv.rejected_containers:
             summary.quarantined[bad.code] += 1

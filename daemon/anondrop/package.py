@@ -21,7 +21,7 @@ import secrets
 import stat
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -96,6 +96,30 @@ class SeriesZip:
         self._names.add(name.casefold())
         self._entries.append({"name": name, "size": len(data), "sha256": digest})
         return digest
+
+    def add_stream(self, name: str, parts: Iterable[bytes | memoryview], *, size: int, crc: int, sha256: str) -> str:
+        """Write one entry from parts whose size, CRC-32 and SHA-256 were computed elsewhere (a worker).
+
+        The parts are streamed into the entry, so a large pixel span never needs to sit in this process's
+        memory whole. The CRC that zipfile computes on the way must equal the given one: a mismatch means a
+        source changed between de-identification and packaging, and the entry (and so the ZIP) is refused.
+        """
+        self._require_open()
+        self._check_name(name)
+        info = _entry_info(name, self._method)
+        info.file_size = size
+        try:
+            with self._zip.open(info, "w", force_zip64=size > 0x7FFFFFFF) as entry:
+                for part in parts:
+                    entry.write(part)
+            if crc != info.CRC or info.file_size != size:
+                raise OSError(f"entry {name}: content changed while it was packaged (CRC or size mismatch)")
+        except BaseException:
+            self.abort()
+            raise
+        self._names.add(name.casefold())
+        self._entries.append({"name": name, "size": size, "sha256": sha256})
+        return sha256
 
     def commit(self, manifest: dict[str, object]) -> Path:
         """Write manifest.json last, make the ZIP durable and move it into place; returns the final path.

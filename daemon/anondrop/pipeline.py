@@ -10,6 +10,7 @@ and no visible output; a crash after it leaves a complete ZIP and a series that 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -59,12 +60,47 @@ def _init_worker(policy: Policy, keys: Keys) -> None:
     _worker_state = (policy, keys)
 
 
+# Above this size the pixel data travels back from a worker as a reference into the source file, not bytes.
+_SPAN_MIN = 64 * 1024
+_READ_CHUNK = 1 << 20
+
+
+@dataclass
+class Packed:
+    """A de-identified instance as a worker hands it back: ready to stream into the ZIP.
+
+    `parts` are bytes, or (offset, length) spans of the source file that the output carries unchanged
+    (the pixel data); size, CRC-32 and SHA-256 cover the whole output and were computed by the worker.
+    """
+
+    parts: list[bytes | tuple[int, int]]
+    size: int
+    crc: int
+    sha256: str
+    report: engine.Report
+    hits: list[GateHit]
+    identifiers: Identifiers
+    header: bytes
+
+
 @dataclass
 class FileOutcome:
     index: int
-    result: engine.Result | None = None
+    packed: Packed | None = None
     code: str = ""
     message: str = ""
+
+
+def _pack(res: engine.Result) -> Packed:
+    out = res.data
+    parts: list[bytes | tuple[int, int]] = [out]
+    if res.pixel_in is not None and res.pixel_out is not None and res.pixel_out[1] - res.pixel_out[0] >= _SPAN_MIN:
+        (in_start, in_end), (out_start, out_end) = res.pixel_in, res.pixel_out
+        parts = [out[:out_start], (in_start, in_end - in_start), out[out_end:]]
+    return Packed(
+        parts, len(out), zlib.crc32(out), hashlib.sha256(out).hexdigest(), res.report, res.hits,
+        res.identifiers, res.header,
+    )
 
 
 def _process_batch(batch: list[tuple[int, str]]) -> list[FileOutcome]:
@@ -74,7 +110,7 @@ def _process_batch(batch: list[tuple[int, str]]) -> list[FileOutcome]:
     for index, path in batch:
         try:
             data = Path(path).read_bytes()
-            out.append(FileOutcome(index, engine.deidentify_bytes(data, policy, keys)))
+            out.append(FileOutcome(index, _pack(engine.deidentify_bytes(data, policy, keys))))
         except engine.DeidError as exc:
             out.append(FileOutcome(index, None, exc.code, exc.message))
         except OSError as exc:
@@ -84,6 +120,33 @@ def _process_batch(batch: list[tuple[int, str]]) -> list[FileOutcome]:
                 FileOutcome(index, None, "unreadable", f"cannot be parsed: {type(exc).__name__}: {exc}")
             )
     return out
+
+
+def _info_batch(batch: list[tuple[str, str, str | None]]) -> list[FileInfo | BadFile]:
+    return [read_info(Path(p), rel, Path(c) if c else None) for p, rel, c in batch]
+
+
+def _stream(path: Path, parts: list[bytes | tuple[int, int]]) -> Iterator[bytes]:
+    """The output's bytes: given parts as they are, spans read from the source file in chunks."""
+    fd: int | None = None
+    try:
+        for part in parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+            offset, length = part
+            while length > 0:
+                chunk = os.pread(fd, min(length, _READ_CHUNK), offset)
+                if not chunk:
+                    raise OSError(f"{path.name}: the file became shorter while it was packaged")
+                yield chunk
+                offset += len(chunk)
+                length -= len(chunk)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class Workers:
@@ -111,6 +174,14 @@ class Workers:
                 yield from window.popleft().result()
         while window:
             yield from window.popleft().result()
+
+    def read_infos(self, items: list[tuple[Path, str, Path | None]]) -> list[FileInfo | BadFile]:
+        """Read the grouping attributes of many files, on every core."""
+        jobs = [(str(p), rel, str(c) if c else None) for p, rel, c in items]
+        batches = [jobs[i : i + 64] for i in range(0, len(jobs), 64)]
+        if self.pool is None:
+            return [info for b in batches for info in _info_batch(b)]
+        return [info for result in self.pool.map(_info_batch, batches) for info in result]
 
     def close(self) -> None:
         if self.pool is not None:
@@ -180,7 +251,7 @@ def make_policy(cfg: Config) -> Policy:
 
 # -- inventory --------------------------------------------------------------------------------------------
 def take_inventory(
-    cfg: Config, roots: list[Path], base: Path, summary: Summary, unpack: bool = True
+    cfg: Config, roots: list[Path], base: Path, summary: Summary, workers: Workers | None = None
 ) -> Inventory:
     inv = Inventory()
     limits = containers.ZipLimits(
@@ -188,11 +259,12 @@ def take_inventory(
         max_total_bytes=cfg.input.max_zip_bytes,
         max_ratio=cfg.input.max_zip_ratio,
     )
+    todo: list[tuple[Path, str, Path | None]] = []
     for root in roots:
         paths = [root] if root.is_file() else list(walk(root, cfg.input.ignore))
         for path in paths:
             rel = _rel(path, base)
-            if unpack and containers.is_zip(path):
+            if containers.is_zip(path):
                 inv.containers.append(path)
                 dest = unpack_dir(cfg.paths.state, path)
                 try:
@@ -202,11 +274,12 @@ def take_inventory(
                 except containers.ContainerRejected as exc:
                     inv.rejected_containers.append(BadFile(path, rel, "zip-rejected", exc.reason))
                     continue
-                for member in members:
-                    item = read_info(member, f"{rel}!{member.relative_to(dest)}", container=path)
-                    _place(inv, item)
+                todo += [(m, f"{rel}!{m.relative_to(dest)}", path) for m in members]
                 continue
-            _place(inv, read_info(path, rel))
+            todo.append((path, rel, None))
+    infos = workers.read_infos(todo) if workers is not None else [read_info(*item) for item in todo]
+    for item in infos:
+        _place(inv, item)
     return inv
 
 
@@ -258,7 +331,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     zipw: SeriesZip | None = None
     first: engine.Report | None = None
     ids = Identifiers()
-    headers: list[bytes] = []
+    headers: list[tuple[bytes, Identifiers]] = []
     bad: list[tuple[FileInfo, str, str]] = []
     burned: str | None = None
     hits: list[GateHit] = []
@@ -271,7 +344,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             f = files[outcome.index]
             if ctx.progress:
                 ctx.progress(1)
-            res = outcome.result
+            res = outcome.packed
             if res is None:
                 bad.append((f, outcome.code, outcome.message))
                 continue
@@ -281,7 +354,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             if burned or hits:
                 continue  # the series will not go out; keep reading only to account for every file
             ids = ids.merge(res.identifiers)
-            headers.append(zlib.compress(res.header, 1))
+            headers.append((zlib.compress(res.header, 1), res.identifiers))
             if zipw is None:
                 first = res.report
                 zipw = SeriesZip(
@@ -300,14 +373,17 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 continue
             sizes[f.sop_uid] = f.size
             name = f"IM{len(written) + 1:05d}.dcm"
-            zipw.add(name, res.data)
+            zipw.add_stream(name, _stream(f.path, res.parts), size=res.size, crc=res.crc, sha256=res.sha256)
             entry_names.append(name)
             written.append(f)
         if not burned and not hits and zipw is not None and first is not None:
             # Cross-check: an identifier of any file of the series, in any file's output.
-            for i, blob in enumerate(headers):
-                for h in scan_bytes(zlib.decompress(blob), ids, f"instance {i + 1}: "):
-                    hits.append(h)
+            # Each worker already searched its file for the file's own identifiers; what is left is
+            # the rest of the series' (other instances' UIDs, another file's dates).
+            for i, (blob, own) in enumerate(headers):
+                rest = ids.minus(own)
+                if rest:
+                    hits.extend(scan_bytes(zlib.decompress(blob), rest, f"instance {i + 1}: "))
             manifest = _manifest(ctx.policy, first, written)
             rel_out = zipw.final_path.relative_to(ctx.outbox)
             named = [(f"output folder level {i + 1}", part) for i, part in enumerate(rel_out.parts)]

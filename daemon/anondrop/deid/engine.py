@@ -124,6 +124,48 @@ _STR_ACTIONS = {
 }
 
 
+def _kw_tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return BaseTag(tag)
+
+
+_TAGS = {kw: _kw_tag(kw) for kw in (
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "SOPClassUID", "BurnedInAnnotation", "Modality", "InstanceNumber", "SeriesNumber",
+    "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated",
+)}
+
+
+def plain(ds: Dataset, keyword: str) -> str:
+    """A text value by keyword, read from its raw bytes when undecoded (pydicom's conversion is slow).
+
+    For identity keys, UIDs and codes (ASCII in practice); a decoded element gives str() of its value.
+    """
+    elem = ds._dict.get(_TAGS[keyword])
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement):
+        if elem.value is None:
+            value = ds[_TAGS[keyword]].value
+            return "" if value is None else str(value).strip(" \0")
+        return elem.value.decode("latin-1").strip(" \0")
+    return "" if elem.value is None else str(elem.value).strip(" \0")
+
+
+def _unsigned(ds: Dataset, keyword: str, default: int) -> int:
+    """A US value (little endian, as every file the byte path handles), or default."""
+    elem = ds._dict.get(_TAGS[keyword])
+    if elem is None:
+        return default
+    if isinstance(elem, RawDataElement) and elem.value is not None and len(elem.value) >= 2:
+        return int.from_bytes(elem.value[:2], "big" if not elem.is_little_endian else "little")
+    try:
+        return int(ds[_TAGS[keyword]].value)
+    except (TypeError, ValueError):
+        return default
+
+
 class DeidError(Exception):
     """An input that cannot be de-identified; `code` is the quarantine reason code."""
 
@@ -169,6 +211,10 @@ class Result:
     hits: list[GateHit]
     pixel_bytes: int = 0
     header: bytes = b""  # the output without its pixel data: what the gate searched
+    # Where the pixel data sits: (start, end) in the input bytes and in the output bytes, when it was copied
+    # as one untouched span (lets a caller copy it from the source file instead of moving it around).
+    pixel_in: tuple[int, int] | None = None
+    pixel_out: tuple[int, int] | None = None
     identifiers: Identifiers = field(default_factory=Identifiers)  # those the gate searched for
 
 
@@ -178,15 +224,15 @@ def patient_identity(ds: Dataset) -> tuple[str, str]:
     Without a PatientID the name and birth date stand in; without those the study does, so that unknown
     patients are never merged into one pseudonym.
     """
-    pid = str(ds.get("PatientID", "") or "").strip()
-    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    pid = plain(ds, "PatientID")
+    issuer = plain(ds, "IssuerOfPatientID")
     if pid:
         return pid, issuer
-    name = str(ds.get("PatientName", "") or "").strip()
-    birth = str(ds.get("PatientBirthDate", "") or "").strip()
+    name = plain(ds, "PatientName")
+    birth = plain(ds, "PatientBirthDate")
     if name:
         return f"name:{name}:{birth}", issuer
-    return f"study:{ds.get('StudyInstanceUID', '')}", issuer
+    return f"study:{plain(ds, 'StudyInstanceUID')}", issuer
 
 
 class _Walker:
@@ -413,20 +459,21 @@ def _no_fill(ds: Dataset, t: int) -> None:
 
 def _check_uids(ds: Dataset) -> None:
     for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
-        if not str(ds.get(kw, "") or "").strip():
+        if not plain(ds, kw):
             raise MissingUID(f"the file has no {kw}; it cannot be placed in a series")
 
 
 def burned_in_verdict(ds: Dataset, policy: Policy) -> str | None:
     """Why this instance may show the patient's identity in its pixels, or None."""
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+    burned = plain(ds, "BurnedInAnnotation").upper()
+    if burned == "YES":
         return "BurnedInAnnotation is YES: the pixels show identifying text"
     if policy.burned_in_suspect != "quarantine":
         return None
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
+    if burned == "NO":
         return None  # the producer states there is none
-    modality = str(ds.get("Modality", "")).upper()
-    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = plain(ds, "Modality").upper()
+    sop_class = plain(ds, "SOPClassUID")
     if modality in BURNED_IN_SUSPECT_MODALITIES:
         return f"modality {modality} often carries burned-in text and BurnedInAnnotation does not say NO"
     if sop_class.startswith(BURNED_IN_SUSPECT_SOP_PREFIXES):
@@ -475,19 +522,19 @@ def _mark(ds: Dataset, policy: Policy, shared: bool) -> None:
 
 
 def _report(ds: Dataset, counts: Counter[str], burned: str | None) -> Report:
-    number = ds.get("InstanceNumber")
+    number = plain(ds, "InstanceNumber")
     try:
-        inst = int(number) if number not in (None, "") else None
-    except (TypeError, ValueError):
+        inst = int(number) if number else None
+    except ValueError:
         inst = None
     return Report(
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        patient_id=str(ds.get("PatientID", "")),
-        modality=str(ds.get("Modality", "")),
-        series_number=str(ds.get("SeriesNumber", "") or ""),
+        sop_class_uid=plain(ds, "SOPClassUID"),
+        sop_instance_uid=plain(ds, "SOPInstanceUID"),
+        study_uid=plain(ds, "StudyInstanceUID"),
+        series_uid=plain(ds, "SeriesInstanceUID"),
+        patient_id=plain(ds, "PatientID"),
+        modality=plain(ds, "Modality"),
+        series_number=plain(ds, "SeriesNumber"),
         instance_number=inst,
         burned_in=burned,
         counts=counts,
@@ -603,7 +650,7 @@ def deidentify_bytes(
         dcmwrite(buf, ds, enforce_file_format=True)
         out = buf.getvalue()
         hits = scan_bytes(out, ids, "")
-        return Result(out, report, hits, 0, out, ids)
+        return Result(out, report, hits, pixel_bytes=0, header=out, identifiers=ids)
 
     head = _meta_bytes(meta, ds, ts)
     if head is None:  # unusual meta elements to carry over: let pydicom encode the meta
@@ -618,6 +665,9 @@ def deidentify_bytes(
     plain = _fast_charset(ds, True)
     mark_bytes = _mark_bytes(policy, implicit, encodings)
     pixel_bytes = 0
+    pos = len(parts[0])
+    pixel_in: tuple[int, int] | None = None
+    pixel_out: tuple[int, int] | None = None
     for tag in sorted(ds._dict):
         t = int(tag)
         elem = ds._dict[tag]
@@ -642,12 +692,18 @@ def deidentify_bytes(
         parts.append(chunk)
         if t in PIXEL_TAGS:
             pixel_bytes += len(chunk)
+            if t == 0x7FE00010 and span is not None:
+                pixel_in, pixel_out = span, (pos, pos + len(chunk))
         else:
             gate_parts.append(chunk)
+        pos += len(chunk)
     out = b"".join(parts)
     header = b"".join(gate_parts)
     hits = scan_bytes(header, ids, "")
-    return Result(out, report, hits, pixel_bytes, header, ids)
+    return Result(
+        out, report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids, pixel_in=pixel_in,
+        pixel_out=pixel_out,
+    )
 
 
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UC",
@@ -714,8 +770,8 @@ def _meta_bytes(old: FileMetaDataset | None, ds: Dataset, ts: str) -> bytes | No
     if old is not None and any(int(t) not in _META_STANDARD and int(t) not in META_REMOVE for t in old.keys()):
         return None
     values = [
-        (0x00020002, "UI", str(ds.SOPClassUID)),
-        (0x00020003, "UI", str(ds.SOPInstanceUID)),
+        (0x00020002, "UI", plain(ds, "SOPClassUID")),
+        (0x00020003, "UI", plain(ds, "SOPInstanceUID")),
         (0x00020010, "UI", ts),
         (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
         (0x00020013, "SH", IMPLEMENTATION_VERSION),
@@ -790,11 +846,11 @@ def _check_native_pixels(ds: Dataset) -> None:
     if have == 0xFFFFFFFF:
         return
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
-        need = need * int(ds.BitsAllocated) // 8
-    except (AttributeError, TypeError, ValueError):
+        frames = int(plain(ds, "NumberOfFrames") or 1)
+    except ValueError:
         return
+    rows, cols = _unsigned(ds, "Rows", 0), _unsigned(ds, "Columns", 0)
+    need = rows * cols * _unsigned(ds, "SamplesPerPixel", 1) * frames * _unsigned(ds, "BitsAllocated", 0) // 8
     if have < need:
         raise Truncated(f"pixel data holds {have} bytes but the image needs {need}: the file is truncated")
 

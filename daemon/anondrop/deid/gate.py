@@ -167,6 +167,17 @@ class Identifiers:
             tuple(dict(self.word_kinds + other.word_kinds).items()),
         )
 
+    def minus(self, other: Identifiers) -> Identifiers:
+        """The identifiers of self that other does not have."""
+        words = self.words - other.words
+        return Identifiers(
+            words,
+            self.phrases - other.phrases,
+            self.dates - other.dates,
+            self.uids - other.uids,
+            tuple((w, k) for w, k in self.word_kinds if w in words),
+        )
+
     @cached_property
     def _kind_of_word(self) -> dict[str, str]:
         return dict(self.word_kinds)

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db", "Icon\r"})
 JUNK_DIRS = frozenset(
@@ -89,6 +91,17 @@ def walk(root: Path, patterns: list[str]) -> Iterator[Path]:
                     yield path
 
 
+def _past_grouping(tag: BaseTag, vr: str | None, length: int) -> bool:
+    # Elements are stored in tag order and the grouping UIDs all sit in groups 0008 and 0020: stop there
+    # instead of parsing the rest of the header (the de-identification pass reads it anyway).
+    return int(tag) > 0x00200013
+
+
+def _read_grouping(path: Path, force: bool) -> Dataset:
+    with path.open("rb") as fh:
+        return read_partial(fh, stop_when=_past_grouping, force=force, specific_tags=list(_GROUPING_TAGS))
+
+
 def read_info(path: Path, rel: str, container: Path | None = None) -> FileInfo | BadFile:
     """Place one file: a FileInfo, or a BadFile with the quarantine reason."""
     try:
@@ -96,10 +109,10 @@ def read_info(path: Path, rel: str, container: Path | None = None) -> FileInfo |
     except OSError as exc:
         return BadFile(path, rel, "unreadable", f"cannot read the file: {exc.strerror}", container)
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_GROUPING_TAGS)
+        ds = _read_grouping(path, force=False)
     except InvalidDicomError:
         try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=_GROUPING_TAGS, force=True)
+            ds = _read_grouping(path, force=True)
         except Exception:
             return BadFile(path, rel, "not-dicom", "not a DICOM file (no 'DICM' preamble)", container)
         if "SOPInstanceUID" not in ds and "SeriesInstanceUID" not in ds:
