@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import threading
+import zipfile
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,10 +26,12 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from pydicom import dcmread
+
 from anondrop import __version__
 from anondrop.config import Config
 from anondrop.deid import engine
-from anondrop.deid.gate import GateHit, Identifiers, scan_bytes, scan_names
+from anondrop.deid.gate import GateHit, Identifiers, scan_bytes, scan_dataset, scan_names
 from anondrop.deid.policy import Policy, build_policy
 from anondrop.deid.pseudonyms import Keys
 from anondrop.ingest import containers
@@ -98,8 +101,14 @@ def _pack(res: engine.Result) -> Packed:
         (in_start, in_end), (out_start, out_end) = res.pixel_in, res.pixel_out
         parts = [out[:out_start], (in_start, in_end - in_start), out[out_end:]]
     return Packed(
-        parts, len(out), zlib.crc32(out), hashlib.sha256(out).hexdigest(), res.report, res.hits,
-        res.identifiers, res.header,
+        parts,
+        len(out),
+        zlib.crc32(out),
+        hashlib.sha256(out).hexdigest(),
+        res.report,
+        res.hits,
+        res.identifiers,
+        res.header,
     )
 
 
@@ -116,9 +125,7 @@ def _process_batch(batch: list[tuple[int, str]]) -> list[FileOutcome]:
         except OSError as exc:
             out.append(FileOutcome(index, None, "unreadable", f"cannot read the file: {exc.strerror}"))
         except Exception as exc:  # a bad file must never stop the run: it goes to quarantine, with why
-            out.append(
-                FileOutcome(index, None, "unreadable", f"cannot be parsed: {type(exc).__name__}: {exc}")
-            )
+            out.append(FileOutcome(index, None, "unreadable", f"cannot be parsed: {type(exc).__name__}: {exc}"))
     return out
 
 
@@ -337,6 +344,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     hits: list[GateHit] = []
     written: list[FileInfo] = []
     entry_names: list[str] = []
+    carried = _Carried.open(ctx, files)  # the previous version's entries, for a complete new version
     try:
         for outcome in workers.map(_batches(files)):
             if ctx.cancel is not None and ctx.cancel.is_set():
@@ -368,14 +376,24 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 if sizes[f.sop_uid] == f.size:
                     dupes.append(f)
                 else:
-                    bad.append((f, "duplicate-instance",
-                                "another file of this series has the same SOP Instance UID but other content"))
+                    bad.append(
+                        (
+                            f,
+                            "duplicate-instance",
+                            "another file of this series has the same SOP Instance UID but other content",
+                        )
+                    )
                 continue
             sizes[f.sop_uid] = f.size
-            name = f"IM{len(written) + 1:05d}.dcm"
+            if carried is not None:
+                entry_names += carried.copy_before(zipw, res.report.instance_number, len(entry_names))
+            name = f"IM{len(entry_names) + 1:05d}.dcm"
             zipw.add_stream(name, _stream(f.path, res.parts), size=res.size, crc=res.crc, sha256=res.sha256)
             entry_names.append(name)
             written.append(f)
+        if carried is not None and zipw is not None and not burned and not hits:
+            entry_names += carried.copy_before(zipw, None, len(entry_names))
+            hits.extend(carried.gate(ids))
         if not burned and not hits and zipw is not None and first is not None:
             # Cross-check: an identifier of any file of the series, in any file's output.
             # Each worker already searched its file for the file's own identifiers; what is left is
@@ -384,7 +402,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 rest = ids.minus(own)
                 if rest:
                     hits.extend(scan_bytes(zlib.decompress(blob), rest, f"instance {i + 1}: "))
-            manifest = _manifest(ctx.policy, first, written)
+            manifest = _manifest(ctx.policy, first, len(entry_names))
             rel_out = zipw.final_path.relative_to(ctx.outbox)
             named = [(f"output folder level {i + 1}", part) for i, part in enumerate(rel_out.parts)]
             named += [(f"entry name {n}", n) for n in entry_names]
@@ -423,16 +441,98 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     finally:
         if zipw is not None:
             zipw.abort()
+        if carried is not None:
+            carried.close()
 
 
-def _rest(
-    files: list[FileInfo], written: list[FileInfo], bad: list[tuple[FileInfo, str, str]]
-) -> list[FileInfo]:
+class _Carried:
+    """Entries of the series' previous ZIP that a late file's new version must carry, in instance order.
+
+    With on_success = "delete" or "move" the earlier sources are gone; the new version is still complete
+    because their de-identified entries are copied over (verified by their stored CRC). Entries replaced by a
+    newly arrived copy of the same instance are left out.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, entries: list[tuple[float, zipfile.ZipInfo]], sha: dict[str, str]):
+        self.zf = zf
+        self.entries = entries
+        self.sha = sha
+        self.copied: list[str] = []
+
+    @classmethod
+    def open(cls, ctx: Context, files: list[FileInfo]) -> _Carried | None:
+        if ctx.journal is None or not files:
+            return None
+        label = _deid_uid(ctx, files[0].series_uid)
+        row = ctx.journal.series(label)
+        if row is None or row.state != "delivered" or not row.output:
+            return None
+        path = ctx.outbox / row.output
+        if not path.is_file():
+            return None
+        arriving = {_deid_uid(ctx, f.sop_uid) for f in files}
+        zf = zipfile.ZipFile(path)
+        try:
+            manifest = json.loads(zf.read("manifest.json"))
+            sha = {e["name"]: e["sha256"] for e in manifest.get("entries", [])}
+            entries = []
+            for info in zf.infolist():
+                if not info.filename.endswith(".dcm"):
+                    continue
+                with zf.open(info) as fh:
+                    ds = dcmread(fh, stop_before_pixels=True, specific_tags=[0x00080018, 0x00200013])
+                if str(ds.get("SOPInstanceUID", "")) in arriving:
+                    continue
+                number = ds.get("InstanceNumber")
+                entries.append((float(number) if number not in (None, "") else float("inf"), info))
+        except Exception:
+            zf.close()
+            raise
+        entries.sort(key=lambda e: e[0])
+        return cls(zf, entries, sha)
+
+    def copy_before(self, zipw: SeriesZip, number: int | None, done: int) -> list[str]:
+        """Copy the carried entries that sort before instance `number` (all of them for None)."""
+        names: list[str] = []
+        limit = float("inf") if number is None else float(number)
+        while self.entries and (number is None or self.entries[0][0] <= limit):
+            _n, info = self.entries.pop(0)
+            name = f"IM{done + len(names) + 1:05d}.dcm"
+            sha = self.sha.get(info.filename) or hashlib.sha256(self.zf.read(info)).hexdigest()
+            zipw.add_stream(name, _zip_chunks(self.zf, info), size=info.file_size, crc=info.CRC, sha256=sha)
+            names.append(name)
+            self.copied.append(info.filename)
+        return names
+
+    def gate(self, ids: Identifiers) -> list[GateHit]:
+        """The carried entries against the identifiers of the files that arrived now."""
+        hits: list[GateHit] = []
+        for name in self.copied:
+            with self.zf.open(name) as fh:
+                ds = dcmread(fh, stop_before_pixels=True)
+            hits.extend(scan_dataset(ds, ids, f"carried {name}: "))
+        return hits
+
+    def close(self) -> None:
+        self.zf.close()
+
+
+def _zip_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    with zf.open(info) as fh:
+        while chunk := fh.read(_READ_CHUNK):
+            yield chunk
+
+
+def _deid_uid(ctx: Context, uid: str) -> str:
+    return uid if ctx.policy.has("retain_uids") else ctx.keys.uid(uid)
+
+
+def _rest(files: list[FileInfo], written: list[FileInfo], bad: list[tuple[FileInfo, str, str]]) -> list[FileInfo]:
     done = {id(f) for f in written} | {id(b[0]) for b in bad}
     return [f for f in files if id(f) not in done]
 
 
-def _manifest(policy: Policy, first: engine.Report, written: list[FileInfo]) -> dict[str, object]:
+def _manifest(policy: Policy, first: engine.Report, instances: int) -> dict[str, object]:
     return {
         "format": "anondrop-series/1",
         "anondrop_version": __version__,
@@ -444,7 +544,7 @@ def _manifest(policy: Policy, first: engine.Report, written: list[FileInfo]) -> 
         "series_instance_uid": first.series_uid,
         "modality": first.modality,
         "series_number": first.series_number,
-        "instances": len(written),
+        "instances": instances,
     }
 
 

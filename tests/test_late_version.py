@@ -1,0 +1,70 @@
+"""A late file for a delivered series yields a new, complete version, even after its sources were deleted."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from tests.conftest import CliResult, Site, sample
+
+
+def _series(folder: Path, count: int, start: int = 1, series_uid: str | None = None) -> str:
+    template = dcmread(sample("CT_small.dcm"))
+    template.PatientName = "Latecomer^Lucy"
+    template.PatientID = "LATE-5512"
+    uid = series_uid or generate_uid()
+    template.SeriesInstanceUID = uid
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(start, start + count):
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        template.InstanceNumber = n
+        template.save_as(folder / f"slice{n:03d}.dcm", enforce_file_format=True)
+    return uid
+
+
+def _instances(zip_path: Path) -> list[int]:
+    with zipfile.ZipFile(zip_path) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".dcm"))
+        numbers = []
+        for name in names:
+            with zf.open(name) as fh:
+                numbers.append(int(dcmread(fh, stop_before_pixels=True).InstanceNumber))
+        manifest = json.loads(zf.read("manifest.json"))
+        assert manifest["instances"] == len(names) == len(manifest["entries"])
+    return numbers
+
+
+def test_late_file_after_delete_gives_complete_v2(site: Site, cli: Callable[..., CliResult]) -> None:
+    site.write_config(extra='[input]\non_success = "delete"\n')
+    uid = _series(site.inbox / "ct", 3)
+    first = cli("once", "--config", site.config)
+    assert first.returncode == 0, first.stderr
+    [v1] = site.outputs()
+    v1_bytes = v1.read_bytes()
+    assert not list(site.inbox.rglob("*.dcm"))  # sources gone after delivery
+    _series(site.inbox / "ct-late", 1, start=4, series_uid=uid)
+    second = cli("once", "--config", site.config)
+    assert second.returncode == 0, second.stderr
+    outputs = site.outputs()
+    assert len(outputs) == 2
+    v2 = next(p for p in outputs if p != v1)
+    assert v2.name.endswith("_v2.zip")
+    assert v1.read_bytes() == v1_bytes  # the first version is never touched
+    assert _instances(v2) == [1, 2, 3, 4]  # complete: the earlier entries were carried over, in order
+    assert _instances(v1) == [1, 2, 3]
+
+
+def test_late_file_with_keep_gives_complete_v2_without_duplicates(site: Site, cli: Callable[..., CliResult]) -> None:
+    uid = _series(site.inbox / "ct", 3)
+    assert cli("once", "--config", site.config).returncode == 0
+    _series(site.inbox / "ct", 1, start=4, series_uid=uid)
+    assert cli("once", "--config", site.config).returncode == 0
+    v2 = next(p for p in site.outputs() if p.name.endswith("_v2.zip"))
+    assert _instances(v2) == [1, 2, 3, 4]
+    third = cli("once", "--config", site.config)
+    assert third.returncode == 0 and len(site.outputs()) == 2  # nothing new: nothing produced
