@@ -150,7 +150,8 @@ REFERRER_PHONE = "+44 1632 960455"
 STATIONS = {"CT": "RGH-CT02-SOMATOM", "MR": "RGH-MR1-AVANTO", "RT": "RGH-TPS-ECLIPSE", "CR": "RGH-CR3-FUJI",
             "US": "RGH-US4-LOGIQ"}
 SERIALS = {"CT": "SN77120934", "MR": "SN55092817", "RT": "SN31770452", "CR": "SN60228113", "US": "SN48810376"}
-AE_TITLES = {"CT": "RGHCT02", "MR": "RGHMR01", "RT": "RGHTPS01", "CR": "RGHCR03", "US": "RGHUS04"}
+AE_TITLES = {"CT": "RGHCT02", "MR": "RGHMR01", "RT": "RGHTPS01", "CR": "RGHCR03", "US": "RGHUS04",
+             "PACS": "RGHPACS01"}
 PLACE_WORDS = ("Ravensworth", "Infirmary Road", "Larkspur Crescent", "Kestrel Mews", "Tannery Lane")
 
 
@@ -431,7 +432,11 @@ class _Builder:
     def plant(self, ds: Dataset, pt: Patient, visit: Visit, kind: str, study_uid: str,
               prior_image_uid: str, prior_study_uid: str) -> None:
         """The same identifiers in every place real archives carry them."""
-        ds.SpecificCharacterSet = "ISO_IR 192"
+        # Patient B's files are Latin-1, as many European archives still are: a byte search for the UTF-8
+        # spelling alone would miss his name.
+        ds.SpecificCharacterSet = "ISO_IR 100" if pt is PATIENT_B else "ISO_IR 192"
+        # Some writers put their own header in the 128-byte preamble; a copied preamble is a leak.
+        ds.preamble = f"{pt.pn} {pt.pid} {visit.accession}".encode("latin-1").ljust(128, b"\0")[:128]
         # Top level: the patient module and friends.
         ds.PatientName = pt.pn
         ds.PatientID = pt.pid
@@ -547,6 +552,17 @@ class _Builder:
         # Overlay comments in a repeating group.
         ds.add_new(0x60000022, "LO", f"{pt.natural} {visit.iso}")
         ds.add_new(0x60004000, "LT", f"Marked by Ingrid Pettersen for {pt.pn}")
+        # A thumbnail whose "pixels" spell the name, and trailing padding nobody looks at.
+        icon = Dataset()
+        icon.Rows = icon.Columns = 8
+        icon.SamplesPerPixel = 1
+        icon.PhotometricInterpretation = "MONOCHROME2"
+        icon.BitsAllocated = icon.BitsStored = 8
+        icon.HighBit = 7
+        icon.PixelRepresentation = 0
+        icon.PixelData = f"{pt.pn} {pt.pid}".encode("latin-1").ljust(64, b" ")[:64]
+        ds.IconImageSequence = Sequence([icon])
+        ds.add_new(0xFFFCFFFC, "OB", f"{pt.natural};{pt.pid};{pt.birth}".encode("latin-1").ljust(48, b"\0"))
         self.plant_private(ds, pt, visit, study_uid)
 
     def plant_private(self, ds: Dataset, pt: Patient, visit: Visit, study_uid: str) -> None:
@@ -580,20 +596,28 @@ class _Builder:
         raw.add_new(0x10, "OB", f"PATNAME={pt.pn};PATID={pt.pid};DOB={pt.birth};".encode() + b"\x00")
         raw.add_new(0x11, "UN", f"{pt.natural}\\{visit.accession}".encode())
 
-    def meta(self, ds: Dataset, kind: str, syntax: str = ExplicitVRLittleEndian) -> None:
+    def meta(self, ds: Dataset, kind: str, pt: Patient, syntax: str = ExplicitVRLittleEndian) -> None:
+        """File meta with the sending and receiving AE titles and a private blob naming the patient."""
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = syntax
         meta.ImplementationClassUID = IMPLEMENTATION_UID
         meta.SourceApplicationEntityTitle = AE_TITLES[kind]
+        meta.SendingApplicationEntityTitle = AE_TITLES[kind]
+        meta.ReceivingApplicationEntityTitle = "RGHPACS01"
+        meta.PrivateInformationCreatorUID = IMPLEMENTATION_UID
+        meta.PrivateInformation = f"{pt.pn}|{pt.pid}|{pt.birth}".encode("latin-1").ljust(40, b"\0")
         ds.file_meta = meta
 
     # --- images -------------------------------------------------------------------------------------------
 
     def image(self, base: str, sop_class: str, modality: str, pt: Patient, visit: Visit, study_uid: str,
-              series_uid: str, frame_uid: str, number: int, kind: str, bits: int = 16) -> Dataset:
+              series_uid: str, frame_uid: str, number: int, kind: str, bits: int = 16,
+              keep_pixels: bool = False) -> Dataset:
+        """An instance of ``base`` with new pixels (or, with keep_pixels, its own compressed ones)."""
         ds = self.base(base)
+        syntax = str(ds.file_meta.TransferSyntaxUID) if keep_pixels else ExplicitVRLittleEndian
         self.overwrite_base(ds, pt, visit, kind)
         for kw in ("SmallestImagePixelValue", "LargestImagePixelValue", "WindowCenter", "WindowWidth",
                    "BurnedInAnnotation"):
@@ -605,15 +629,16 @@ class _Builder:
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid
         ds.InstanceNumber = number
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = bits
-        ds.HighBit = bits - 1
-        ds.PixelRepresentation = 0
-        ds.PixelData = self.pixels(16 * 16 * bits // 8)
+        if not keep_pixels:
+            ds.Rows = ds.Columns = 16
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated = ds.BitsStored = bits
+            ds.HighBit = bits - 1
+            ds.PixelRepresentation = 0
+            ds.PixelData = self.pixels(16 * 16 * bits // 8)
         self.plant(ds, pt, visit, kind, study_uid, self.prior_image, self.prior_study)
-        self.meta(ds, kind)
+        self.meta(ds, kind, pt, syntax)
         return ds
 
     @cached_property
@@ -734,7 +759,7 @@ def _build_rt(b: _Builder, a_dir: Path, cts: dict[int, Dataset], study: str, fra
         ds.FrameOfReferenceUID = frame
         b.plant(ds, pt, visit, "RT", study, b.prior_image, b.prior_study)
         syntax = ExplicitVRLittleEndian if label == "RTSTRUCT" else ImplicitVRLittleEndian
-        b.meta(ds, "RT", syntax)
+        b.meta(ds, "RT", pt, syntax)
         rt[label] = ds
     struct, plan, dose = rt["RTSTRUCT"], rt["RTPLAN"], rt["RTDOSE"]
     good_ct = [cts[n].SOPInstanceUID for n in range(1, 7)]
@@ -798,7 +823,11 @@ def _build_mr_zip(b: _Builder, inbox: Path) -> None:
     series = b.uid("series/MR", visit.date)
     frame = b.uid("frame/B")
     folder = f"{pt.folder}/MR {visit.iso}"
-    mrs = [b.image("MR_small.dcm", MR_IMAGE, "MR", pt, visit, study, series, frame, n, "MR") for n in range(1, 5)]
+    # Instances 3 and 4 keep the compressed pixel data of their sample files (JPEG-LS, RLE): pixel data must
+    # come out byte for byte whatever the transfer syntax.
+    bases = {1: "MR_small.dcm", 2: "MR_small.dcm", 3: "MR_small_jpeg_ls_lossless.dcm", 4: "MR_small_RLE.dcm"}
+    mrs = [b.image(bases[n], MR_IMAGE, "MR", pt, visit, study, series, frame, n, "MR", keep_pixels=n > 2)
+           for n in range(1, 5)]
     for ds in mrs[1:]:
         ds.SourceImageSequence = _refs([mrs[0].SOPInstanceUID], MR_IMAGE)
         b.planted.references.append(Reference(("MR", int(ds.InstanceNumber)), ("MR", 1), "SourceImageSequence"))

@@ -299,6 +299,19 @@ def test_no_identifier_in_the_raw_bytes_of_any_zip_or_entry(leak_run: Run) -> No
     assert not leaks, "\n".join(leaks[:60])
 
 
+def test_zip_timestamps_are_not_the_patients_dates(leak_run: Run) -> None:
+    # ZIP stores entry times in DOS format, which a byte search cannot see: a study date used as the entry
+    # time would leak unnoticed.
+    planted = {d for d in leak_run.planted.dates if d.isdigit()}
+    stamped = []
+    for zpath in leak_run.zips:
+        with zipfile.ZipFile(zpath) as zf:
+            stamped += [(zpath.name, i.filename, dt.date(*i.date_time[:3]).strftime("%Y%m%d")) for i in zf.infolist()]
+    assert stamped, "nothing was delivered, so nothing could be checked"
+    leaked = [s for s in stamped if s[2] in planted]
+    assert not leaked, f"ZIP entries dated with a planted date: {leaked}"
+
+
 def _strings(value: object) -> Iterator[str]:
     if isinstance(value, dict):
         for k, v in value.items():

@@ -11,6 +11,7 @@ reported by the release gate at that place.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import io
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -32,7 +34,7 @@ from tests.phi_drop import element_bytes, find_needles, needle_pattern, walk
 
 KEYS = Keys(secret=b"k" * 32)
 TEXT_VRS = ("LO", "SH", "LT", "ST", "UT", "PN", "UC")
-MAX_LEN = {"SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240, "UT": 100_000, "UC": 100_000}
+MAX_LEN = {"SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240, "UT": 100_000, "UC": 100_000}  # characters
 # Option sets that do not keep any of the planted kinds on purpose (institution, dates, UIDs).
 OPTION_SETS = (
     (),
@@ -360,3 +362,37 @@ def test_the_search_finds_what_was_planted() -> None:
     assert "ContentSequence[1].(0071,1010)[0].TextValue" in paths, paths
     assert "(0077,1012)" in paths, paths
     assert any("22/09/1978" in b for b in in_bytes) and any("jürgen" in b.lower() for b in in_bytes), in_bytes
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=PHASES)
+@given(scenarios())
+def test_deidentify_leaves_its_input_untouched(scenario: tuple[Identity, list[Placement], tuple[str, ...]]) -> None:
+    """The gate learns identifiers from the input; an input rewritten in place would hide the originals."""
+    who, where, options = scenario
+    ds = _build(who, where)
+    before = copy.deepcopy(ds)
+    deidentify(ds, _policy(options), KEYS)
+    assert ds == before, "deidentify changed its input dataset"
+    changed = [f"{e.keyword}: {before.file_meta.get(e.tag).value!r} -> {e.value!r}"
+               for e in ds.file_meta if e.tag not in before.file_meta or before.file_meta[e.tag].value != e.value]
+    assert ds.file_meta == before.file_meta, f"deidentify changed its input's file meta: {changed}"
+
+
+def _too_long(out: Dataset) -> list[str]:
+    bad = []
+    for path, elem in walk(out):
+        if elem.VR in ("SH", "LO", "ST", "LT") and elem.value:
+            values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+            bad += [f"{path} {elem.VR} {v!r}" for v in values if len(str(v)) > MAX_LEN[elem.VR]]
+    return bad
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=PHASES)
+@given(scenarios())
+def test_cleaned_text_still_fits_its_value_representation(
+    scenario: tuple[Identity, list[Placement], tuple[str, ...]]
+) -> None:
+    """Replacing an identifier inside a value must not make the value too long for its VR (PS3.5 6.2)."""
+    who, where, options = scenario
+    out, _report = deidentify(_build(who, where), _policy(options), KEYS)
+    assert not _too_long(out), f"options {options}: values longer than their VR allows: {_too_long(out)}"
