@@ -18,10 +18,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag
 
-JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db", "Icon\r"})
-JUNK_DIRS = frozenset(
-    {"__MACOSX", "$RECYCLE.BIN", "System Volume Information", ".Trashes", ".Spotlight-V100"}
-)
+from anondrop.ingest.containers import JUNK_DIRS, JUNK_NAMES  # one list of OS junk for folders and ZIPs
+
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 OVERRIDE_NAME = "anondrop.toml"
 _GROUPING_TAGS = [
@@ -75,7 +73,7 @@ class Inventory:
 
 def is_ignored(name: str, patterns: list[str]) -> bool:
     """Hidden names, OS junk and partial-download names are never read (they may still be written)."""
-    if name.startswith(".") or name in JUNK_NAMES or name == OVERRIDE_NAME:
+    if name.startswith(".") or name.casefold() in JUNK_NAMES or name == OVERRIDE_NAME:
         return True
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
@@ -83,7 +81,7 @@ def is_ignored(name: str, patterns: list[str]) -> bool:
 def walk(root: Path, patterns: list[str]) -> Iterator[Path]:
     """Every candidate file below root, in a stable order; hidden and junk folders are skipped."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in JUNK_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.casefold() not in JUNK_DIRS)
         for name in sorted(filenames):
             if not is_ignored(name, patterns):
                 path = Path(dirpath) / name
