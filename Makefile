@@ -2,15 +2,20 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 CONFIG ?= config.example.toml
+# Extras to install. `systemd` (journald logging) builds against libsystemd: it needs libsystemd-dev and
+# pkg-config, so it is not in the default. CI runs `make test EXTRAS=dev,systemd`.
+EXTRAS ?= dev
+comma  := ,
+# One stamp per set of extras, so a venv set up with other extras is completed, not taken as up to date.
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: venv run once test lint typecheck generate check-generated bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,14 +11,30 @@ import os
 import sys
 
 
+def _stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd set up for this service (not just inherited vars).
+
+    systemd puts "device:inode" of the stream in JOURNAL_STREAM; a child started from such a service, or a
+    shell that kept the variable, has another stderr, and its lines must not vanish into a journal that
+    may not even be running.
+    """
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
 def setup_daemon_logging(verbose: bool = True) -> None:
     level = logging.INFO if verbose else logging.WARNING
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level)
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+    if _stderr_is_journal():
         try:
-            from systemd.journal import JournalHandler  # type: ignore[import-not-found, unused-ignore]
+            from systemd.journal import JournalHandler  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
             root.addHandler(JournalHandler(SYSLOG_IDENTIFIER="anondrop"))
             return
@@ -26,6 +42,6 @@ def setup_daemon_logging(verbose: bool = True) -> None:
             pass
     handler = logging.StreamHandler(sys.stderr)
     # journald adds its own timestamps; a plain terminal run gets them here.
-    fmt = "%(levelname)s %(message)s" if os.environ.get("INVOCATION_ID") else "%(asctime)s %(levelname)s %(message)s"
+    fmt = "%(levelname)s %(message)s" if _stderr_is_journal() else "%(asctime)s %(levelname)s %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)

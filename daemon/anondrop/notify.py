@@ -17,10 +17,13 @@ def notify(message: str) -> bool:
         return False
     try:
         from systemd import daemon  # type: ignore[import-not-found, attr-defined, unused-ignore]
-
-        return bool(daemon.notify(message))
     except ImportError:
-        pass
+        daemon = None
+    if daemon is not None:
+        try:
+            return bool(daemon.notify(message))
+        except OSError:
+            return False  # nobody listening (a stale NOTIFY_SOCKET) must never stop the daemon
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace socket
     try:
