@@ -394,7 +394,6 @@ def test_daemon_tells_systemd_ready_status_watchdog_and_stopping(
     )
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with on_success = keep a delivered series stays 'collecting'")
 def test_status_stops_counting_a_series_as_collecting_once_it_is_delivered(
     site: Site, short_dir: Path, spawn: Callable[..., DaemonProcess]
 ) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from anondrop.config import Config
+from anondrop.deliver.courier import Courier, Report
+from anondrop.deliver.queue import DEAD, DeliveryQueue
 from anondrop.ingest.scan import FileInfo, Inventory
 from anondrop.journal import Journal
 from anondrop.package import clean_stale_temps
@@ -20,6 +22,7 @@ from anondrop.pipeline import (
     Summary,
     Workers,
     _quarantine,
+    _rel,
     dispose,
     make_keys,
     make_policy,
@@ -43,8 +46,15 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     journal = Journal(cfg.paths.state / "journal.sqlite")
     policy, keys = make_policy(cfg), make_keys(cfg)
     workers = Workers(cfg.processing.worker_count(), policy, keys)
+    courier: Courier | None = None
     try:
+        if cfg.destinations:
+            # Uploads (earlier runs' pending ones too) go on while the next series are de-identified.
+            courier = Courier(cfg, journal, lambda released: dispose_released(cfg, released))
+            _tally(courier.poll(), summary)
         inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary, workers)
+        # Named from each ZIP's stat: taken now, as a confirmation may dispose of a container during the run.
+        unpacked = {c: _unpacked(cfg, c) for c in inv.containers}
         ctx = Context(cfg, policy, keys, journal, cfg.paths.outbox)
         _quarantine_bad(ctx, inv, summary)
         todo = _pending(journal, inv, summary)
@@ -57,14 +67,29 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
             outcome = process_series(ctx, files, workers, summary)
             handled.update(f.path for f in files)
             finish_series(cfg, journal, outcome, summary)
-        _finish_containers(cfg, inv, handled)
+            if courier is not None:
+                _tally(courier.poll(), summary)
+        if courier is not None:
+            _tally(courier.run_until_settled(), summary)
+        _finish_containers(cfg, journal, inv, handled, unpacked)
         if cfg.input.on_success != "keep":
             _dispose_dicomdirs(cfg, inv)
             prune_empty_dirs(cfg.paths.inbox)
     finally:
+        if courier is not None:
+            courier.close()
         workers.close()
         journal.close()
     return summary
+
+
+def _tally(reports: list[Report], summary: Summary) -> None:
+    for report in reports:
+        d = report.delivery
+        if report.ok:
+            summary.sent[d.destination] += 1
+        elif d.state == DEAD:
+            summary.dead.append((d.series, d.destination, report.message))
 
 
 def finish_series(cfg: Config, journal: Journal, outcome: SeriesOutcome, summary: Summary) -> None:
@@ -72,6 +97,13 @@ def finish_series(cfg: Config, journal: Journal, outcome: SeriesOutcome, summary
     if outcome.state == "delivered" and outcome.output is not None:
         rel = str(outcome.output.relative_to(cfg.paths.outbox))
         summary.delivered.append((rel, len(outcome.files_done)))
+        sources = [f for f in outcome.files_done if f.container is None]
+        if cfg.destinations:
+            # Queued before the journal records the series: a crash in between redoes the series (one more
+            # version goes out), never leaves a ZIP that no destination is sent. The sources are held until
+            # every destination has confirmed; members of inbox ZIPs are held through their container.
+            DeliveryQueue(journal).enqueue(outcome.label, rel, [d.name for d in cfg.destinations],
+                                           [f.rel for f in sources])
         journal.set_series(
             outcome.label, study=outcome.output.parent.name, patient=outcome.output.parent.parent.name,
             state="delivered", files=len(outcome.files_done), output=rel, new_version=True,
@@ -79,8 +111,11 @@ def finish_series(cfg: Config, journal: Journal, outcome: SeriesOutcome, summary
         journal.mark_files([(f.rel, f.size, f.mtime_ns) for f in outcome.files_done], outcome.label, "delivered")
         journal.event(SERIES_DELIVERED, outcome.label, f"{len(outcome.files_done)} files -> {rel}")
         log.info("%s: series %s, %d files -> %s", SERIES_DELIVERED, outcome.label, len(outcome.files_done), rel)
+        if cfg.destinations:
+            log.info("delivery_queued: series %s -> %s", outcome.label, ", ".join(d.name for d in cfg.destinations))
+            return
         # Only now, with the ZIP renamed into place and the journal saying so, may sources go.
-        dispose(cfg, [f.path for f in outcome.files_done if f.container is None])
+        dispose(cfg, [f.path for f in sources])
     elif outcome.state in ("quarantined", "gated"):
         event = SERIES_GATED if outcome.state == "gated" else SERIES_QUARANTINED
         journal.event(event, outcome.label)
@@ -153,7 +188,9 @@ def _pending(journal: Journal, inv: Inventory, summary: Summary) -> dict[tuple[s
     return todo
 
 
-def _finish_containers(cfg: Config, inv: Inventory, handled: set[Path]) -> None:
+def _finish_containers(
+    cfg: Config, journal: Journal, inv: Inventory, handled: set[Path], unpacked: dict[Path, Path]
+) -> None:
     """A ZIP container is disposed once every member is delivered or in quarantine (as a copy)."""
     members: dict[Path, list[Path]] = {}
     for files in inv.series.values():
@@ -162,10 +199,33 @@ def _finish_containers(cfg: Config, inv: Inventory, handled: set[Path]) -> None:
                 members.setdefault(f.container, []).append(f.path)
     for container in inv.containers:
         paths = members.get(container, [])
-        unpacked = _unpacked(cfg, container)  # named from the ZIP's stat: take it before disposal
         if all(p in handled for p in paths):
-            dispose(cfg, [container])
-        shutil.rmtree(unpacked, ignore_errors=True)
+            settle_container(cfg, journal, container)
+        shutil.rmtree(unpacked[container], ignore_errors=True)
+
+
+def settle_container(cfg: Config, journal: Journal, container: Path) -> bool:
+    """Dispose of an inbox ZIP whose members are all handled, unless a series packaged from it still waits
+    for a destination: then it is held by those series' ZIPs and disposed with the last confirmation."""
+    rel = _rel(container, cfg.paths.inbox)
+    queue = DeliveryQueue(journal)
+    waiting = queue.unsettled_outputs(queue.series_of_members(rel))
+    if waiting:
+        queue.hold(waiting, rel)
+        return False
+    if queue.is_held(rel):
+        return False
+    dispose(cfg, [container])
+    return True
+
+
+def dispose_released(cfg: Config, released: list[str]) -> None:
+    """Sources (relative to the inbox) whose every delivery has confirmed: now they follow on_success."""
+    inbox = cfg.paths.inbox.resolve()
+    paths = [inbox / rel for rel in released]
+    dispose(cfg, [p for p in paths if inbox in p.resolve().parents])
+    if released and cfg.input.on_success != "keep":
+        prune_empty_dirs(cfg.paths.inbox)
 
 
 def _dispose_dicomdirs(cfg: Config, inv: Inventory) -> None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -83,6 +83,10 @@ def _print_summary(summary: Summary, title: str) -> None:
     for code, count in sorted(summary.quarantined.items()):
         table.add_row(f"quarantined: {code}", str(count), summary.reasons.get(code, ""))
     table.add_row("stopped by the gate", str(len(summary.gated)), "; ".join(s for s, _ in summary.gated[:3]))
+    for name, count in sorted(summary.sent.items()):
+        table.add_row(f"confirmed by {name}", str(count), "series ZIPs")
+    for series, name, why in summary.dead:
+        table.add_row(f"dead-lettered: {name}", "1", f"series {series}: {why}")
     out.print(table)
     for rel, n in summary.delivered:
         out.print(f"  {rel}  ({n} files)", highlight=False)
@@ -170,6 +174,15 @@ def check_config(
     out.print("actions: " + ", ".join(f"{names.get(a, a)} {n}" for a, n in sorted(counts.items())))
     if cfg.deidentify.rules:
         out.print("site rules: " + ", ".join(f"{k}={v}" for k, v in cfg.deidentify.rules.items()))
+    if cfg.destinations:
+        from anondrop.deliver import preflight
+
+        out.print("destinations: " + ", ".join(f"{d.name} ({d.kind})" for d in cfg.destinations))
+        for i, dest in enumerate(cfg.destinations):
+            for problem in preflight(dest):
+                err.print(f"[yellow]warning:[/yellow] destinations[{i}] ({dest.name}): {problem}", highlight=False)
+    else:
+        out.print("destinations: none (the outbox is the destination)")
     if all_rows:
         table = Table("tag", "keyword", "action")
         for tag, kw, act in rows:
@@ -225,6 +238,77 @@ def status(
     q = info["quarantine"]
     out.print(f"quarantine: {q['entries']} entries, {q['files']} files"
               + (f" ({', '.join(f'{k}: {v}' for k, v in q['by_reason'].items())})" if q["by_reason"] else ""))
+    _print_deliveries(info["deliveries"])
+
+
+def _print_deliveries(info: dict[str, Any]) -> None:
+    if not info["by_destination"]:
+        return
+    table = Table("destination", "pending", "delivered", "dead", title="deliveries")
+    for name, states in sorted(info["by_destination"].items()):
+        table.add_row(name, *(str(states.get(s, 0)) for s in ("pending", "delivered", "dead")))
+    out.print(table)
+    if info["dead_letters"]:
+        dead = Table("id", "destination", "series", "attempts", "last error", title="dead letters")
+        for d in info["dead_letters"]:
+            dead.add_row(str(d["id"]), d["destination"], d["series"], str(d["attempts"]), d["error"])
+        out.print(dead)
+        out.print("retry with: anondrop deliveries retry ID (or --all), once the cause is fixed", highlight=False)
+
+
+deliveries_app = typer.Typer(help="Inspect and retry uploads to the destinations.", no_args_is_help=True)
+app.add_typer(deliveries_app, name="deliveries")
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    config: ConfigOpt = None,
+    state: Annotated[
+        Literal["pending", "delivered", "dead"] | None, typer.Option(help="Only deliveries in this state.")
+    ] = None,
+) -> None:
+    """List deliveries (one per series ZIP and destination) with their state, attempts and last error."""
+    from anondrop.deliver.queue import DeliveryQueue
+    from anondrop.journal import Journal
+
+    cfg = _load(config)
+    journal = Journal(cfg.paths.state / "journal.sqlite")
+    try:
+        table = Table("id", "destination", "state", "attempts", "series ZIP", "last error")
+        for d in DeliveryQueue(journal).listing(state):
+            table.add_row(str(d.id), d.destination, d.state, str(d.attempts), d.output, d.error or "")
+    finally:
+        journal.close()
+    out.print(table)
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(
+    delivery_id: Annotated[int | None, typer.Argument(help="Delivery id from `anondrop status`.")] = None,
+    all_dead: Annotated[bool, typer.Option("--all", help="Retry every dead-lettered delivery.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Queue dead-lettered deliveries again, now, with a fresh attempt count (the daemon or `once` sends them)."""
+    from anondrop.deliver.queue import DEAD, DeliveryQueue
+    from anondrop.journal import Journal
+
+    if (delivery_id is None) == (not all_dead):
+        err.print("[red]error:[/red] give a delivery ID (see `anondrop status`) or --all, not both")
+        raise typer.Exit(EXIT_CONFIG)
+    cfg = _load(config)
+    journal = Journal(cfg.paths.state / "journal.sqlite")
+    try:
+        queue = DeliveryQueue(journal)
+        if delivery_id is not None:
+            row = queue.get(delivery_id)
+            if row is None or row.state != DEAD:
+                what = "no such delivery" if row is None else f"it is {row.state}, not dead-lettered"
+                err.print(f"[red]error:[/red] delivery {delivery_id}: {what}", highlight=False)
+                raise typer.Exit(EXIT_CONFIG)
+        count = queue.retry(delivery_id)
+    finally:
+        journal.close()
+    out.print(f"{count} deliver(y/ies) queued again; `anondrop run` sends them now, or run `anondrop once`")
 
 
 quarantine_app = typer.Typer(help="Inspect, retry or purge quarantined input.", no_args_is_help=True)

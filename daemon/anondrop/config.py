@@ -33,6 +33,8 @@ Option = Literal[
 ]
 Action = Literal["X", "Z", "D", "K", "C", "U"]
 _TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-fxX]{4})\)?$")
+_DEST_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DESTINATION_KINDS = ("dicomweb", "dimse", "s3", "sftp", "outbox")
 
 
 class ConfigError(Exception):
@@ -157,6 +159,151 @@ class Completion(_Section):
         return self
 
 
+# -- destinations -----------------------------------------------------------------------------------------
+class _Destination(_Section):
+    """Keys every destination has: its name in the journal, logs and `anondrop status`, and its retry policy."""
+
+    name: Annotated[str, Field(pattern=_DEST_NAME_RE)]
+    # Attempts before a delivery is dead-lettered; the wait after attempt n is about backoff_seconds * 2^(n-1)
+    # (with +-25 % jitter, capped at an hour).
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
+    backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+
+class _Secret(_Section):
+    """A secret is named, never written in the config: an environment variable or a file (first line)."""
+
+    secret_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    secret_file: Path | None = None
+
+    def _one_secret(self, what: str, required: bool) -> None:
+        given = [k for k in ("secret_env", "secret_file") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the {what} either by secret_env or by secret_file, not both")
+        if required and not given:
+            raise ValueError(f"the {what} is missing: set secret_env (an environment variable) or secret_file")
+
+
+class _Tls(_Section):
+    verify_tls: bool = True
+    ca_file: Path | None = None
+
+
+class DicomWebDestination(_Destination, _Secret, _Tls):
+    kind: Literal["dicomweb"]
+    url: str
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 20
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/@\s?#]+(/[^\s?#]*)?$", v):
+            raise ValueError(
+                "give the DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web, with no user or password "
+                "and no query in it (credentials go in auth, username and secret_env or secret_file)"
+            )
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth_keys(self) -> DicomWebDestination:
+        if self.auth == "basic" and not self.username:
+            raise ValueError("auth = 'basic' needs username")
+        if self.auth != "basic" and self.username is not None:
+            raise ValueError("username is used only with auth = 'basic'")
+        if self.auth == "none" and (self.secret_env or self.secret_file):
+            raise ValueError("a secret is given but auth = 'none': set auth = 'basic' or 'bearer'")
+        self._one_secret("password" if self.auth == "basic" else "token", self.auth != "none")
+        return self
+
+
+class DimseDestination(_Destination, _Tls):
+    kind: Literal["dimse"]
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    called_aet: str
+    calling_aet: str = "ANONDROP"
+    tls: bool = False
+    cert_file: Path | None = None  # client certificate, for peers that require one
+    key_file: Path | None = None
+
+    @field_validator("called_aet", "calling_aet")
+    @classmethod
+    def _aet(cls, v: str) -> str:
+        # PS3.8 9.3.2: up to 16 characters of the default repertoire, no backslash, not only spaces.
+        if not v.strip() or len(v) > 16 or not all(32 <= ord(c) < 127 and c != "\\" for c in v):
+            raise ValueError("an AE title is 1 to 16 printable ASCII characters, without backslash")
+        return v
+
+    @model_validator(mode="after")
+    def _client_cert(self) -> DimseDestination:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (the client certificate and its key)")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError("cert_file is used only with tls = true")
+        return self
+
+
+class S3Destination(_Destination, _Secret, _Tls):
+    kind: Literal["s3"]
+    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    multipart_threshold_mb: Annotated[int, Field(ge=5, le=5 * 1024)] = 64
+    part_size_mb: Annotated[int, Field(ge=5, le=5 * 1024)] = 16
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError("the prefix is a key prefix like 'anondrop/' with no leading '/' and no '..'")
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/@\s]+/?$", v):
+            raise ValueError("give the endpoint as http(s)://host[:port], with no path and no credentials")
+        return v
+
+    @model_validator(mode="after")
+    def _keys(self) -> S3Destination:
+        # Without access_key_id, boto3's own chain applies (AWS_* variables, ~/.aws/credentials, a role).
+        if self.access_key_id is None and (self.secret_env or self.secret_file):
+            raise ValueError("a secret is given without access_key_id: set both, or neither")
+        self._one_secret("secret access key", self.access_key_id is not None)
+        return self
+
+
+class SftpDestination(_Destination, _Secret):
+    kind: Literal["sftp"]
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    user: Annotated[str, Field(min_length=1)]
+    key_file: Path
+    remote_dir: Annotated[str, Field(min_length=1)]
+    known_hosts: Path | None = None  # unset: /etc/ssh/ssh_known_hosts and ~/.ssh/known_hosts
+
+    @model_validator(mode="after")
+    def _passphrase(self) -> SftpDestination:
+        self._one_secret("key passphrase", False)
+        return self
+
+
+class OutboxDestination(_Destination):
+    kind: Literal["outbox"]
+
+
+Destination = Annotated[
+    DicomWebDestination | DimseDestination | S3Destination | SftpDestination | OutboxDestination,
+    Field(discriminator="kind"),
+]
+
+
 class Config(_Section):
     paths: Paths
     deidentify: Deidentify = Field(default_factory=Deidentify)
@@ -165,6 +312,7 @@ class Config(_Section):
     processing: Processing = Field(default_factory=Processing)
     watch: Watch = Field(default_factory=Watch)
     completion: Completion = Field(default_factory=Completion)
+    destinations: list[Destination] = Field(default_factory=list)
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -172,6 +320,17 @@ class Config(_Section):
         if self.input.on_success == "move" and self.paths.done is None:
             raise ValueError("input.on_success = 'move' needs paths.done, the folder to move sources to")
         return self
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, v: list[_Destination]) -> list[_Destination]:
+        names = [d.name for d in v]
+        twice = [n for i, n in enumerate(names) if n in names[:i]]
+        if twice:
+            raise ValueError(f"destination name {twice[0]!r} is used twice; give each destination its own name")
+        if sum(isinstance(d, OutboxDestination) for d in v) > 1:
+            raise ValueError("list the outbox as a destination at most once")
+        return v
 
 
 def _known_options() -> None:
@@ -187,7 +346,9 @@ _known_options()
 
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if i >= 2 and loc[0] == "destinations" and isinstance(loc[i - 1], int) and part in DESTINATION_KINDS:
+            continue  # pydantic's union tag: the kind is already named by the key path's entry
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -203,6 +364,12 @@ def _explain(exc: ValidationError, source: Path) -> str:
             msg = "required key is missing"
         elif err["type"] == "literal_error":
             msg = f"{msg} (got {err.get('input')!r})"
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            where += ".kind"
+            kinds = ", ".join(repr(k) for k in DESTINATION_KINDS)
+            msg = f"kind must be one of {kinds}" + (
+                " (it is missing)" if err["type"] == "union_tag_not_found" else ""
+            )
         lines.append(f"  {where or '(top level)'}: {msg}")
     return "\n".join(lines)
 
@@ -247,7 +414,14 @@ def _resolve(cfg: Config, base: Path) -> Config:
         update={k: r(getattr(cfg.paths, k)) for k in ("inbox", "outbox", "quarantine", "state", "done")}
     )
     deid = cfg.deidentify.model_copy(update={"key_file": r(cfg.deidentify.key_file)})
-    return cfg.model_copy(update={"paths": paths, "deidentify": deid})
+    dests = [
+        d.model_copy(update={k: r(getattr(d, k)) for k in _PATH_KEYS if isinstance(getattr(d, k, None), Path)})
+        for d in cfg.destinations
+    ]
+    return cfg.model_copy(update={"paths": paths, "deidentify": deid, "destinations": dests})
+
+
+_PATH_KEYS = ("ca_file", "cert_file", "key_file", "secret_file", "known_hosts")
 
 
 def check_paths(cfg: Config) -> None:

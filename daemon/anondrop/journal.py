@@ -43,6 +43,29 @@ CREATE TABLE IF NOT EXISTS events (
     series    TEXT,
     detail    TEXT
 );
+-- Uploads (anondrop.deliver): one row per (series ZIP, destination), worked by retries with backoff.
+CREATE TABLE IF NOT EXISTS deliveries (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    series      TEXT NOT NULL,           -- de-identified Series Instance UID
+    output      TEXT NOT NULL,           -- the series ZIP, relative to the outbox
+    destination TEXT NOT NULL,           -- destinations[].name
+    state       TEXT NOT NULL,           -- pending | delivered | dead
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL NOT NULL,           -- wall-clock time of the next attempt
+    confirmed   TEXT NOT NULL DEFAULT '[]', -- JSON: ZIP entries the destination has confirmed so far
+    error       TEXT,                    -- the last failure, as a sentence
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL,
+    UNIQUE(output, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_at);
+-- Sources (relative to the inbox) kept until every delivery of the output that holds them has confirmed.
+CREATE TABLE IF NOT EXISTS held_sources (
+    output    TEXT NOT NULL,
+    path      TEXT NOT NULL,
+    PRIMARY KEY (output, path)
+);
+CREATE INDEX IF NOT EXISTS held_sources_path ON held_sources(path);
 """
 
 

@@ -218,10 +218,12 @@ class Summary:
     skipped: int = 0  # files already delivered in an earlier run
     files_in: int = 0
     bytes_in: int = 0
+    sent: Counter[str] = field(default_factory=Counter)  # destination -> series ZIPs it confirmed
+    dead: list[tuple[str, str, str]] = field(default_factory=list)  # (series, destination, why), dead-lettered
 
     @property
     def exit_code(self) -> int:
-        return 3 if (self.quarantined or self.gated) else 0
+        return 3 if (self.quarantined or self.gated or self.dead) else 0
 
 
 class Cancelled(Exception):

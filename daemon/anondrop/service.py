@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,13 @@ from pydicom import dcmread
 from watchdog.observers.api import BaseObserver
 
 from anondrop import config as config_mod
-from anondrop.batch import finish_series
+from anondrop.batch import dispose_released, finish_series, settle_container
 from anondrop.config import Config
+from anondrop.deliver.courier import Courier
 from anondrop.ingest import containers
 from anondrop.ingest.completion import Rules, SeriesState, Tracker
 from anondrop.ingest.scan import FileInfo, is_ignored, read_info, unpack_dir
-from anondrop.ingest.watch import choose_mode, start_observer
+from anondrop.ingest.watch import choose_mode, mode_of, start_observer
 from anondrop.journal import Journal
 from anondrop.notify import notify, watchdog_interval
 from anondrop.package import clean_stale_temps
@@ -46,7 +48,6 @@ from anondrop.pipeline import (
     Summary,
     Workers,
     _quarantine,
-    dispose,
     make_keys,
     make_policy,
     process_series,
@@ -57,6 +58,7 @@ from anondrop.quarantine import QuarantineReason, quarantine_files
 log = logging.getLogger("anondrop")
 
 TICK = 0.2
+PARSE_BUDGET = 0.2  # seconds of header reading per turn of the main loop
 DISK_FULL_PAUSE = 30.0
 
 
@@ -102,8 +104,13 @@ class Service:
         self.series_pool = ThreadPoolExecutor(cfg.processing.worker_count(), thread_name_prefix="series")
         self.ctx = Context(cfg, self.policy, self.keys, self.journal, cfg.paths.outbox)
         self.ctx.cancel = self.stopping
+        # Uploads run on their own threads, one lane per destination: a destination that is down holds up
+        # neither the others nor the processing of new series.
+        self.courier = Courier(cfg, self.journal, self._released) if cfg.destinations else None
 
     def _teardown(self, wait: bool) -> None:
+        if self.courier is not None:
+            self.courier.close(timeout=10.0 if wait else 5.0)
         self.series_pool.shutdown(wait=wait, cancel_futures=True)
         self.workers.close()
         self.journal.close()
@@ -118,8 +125,9 @@ class Service:
             return
         if self.running:
             log.info("config_reload: waiting for %d series in progress", len(self.running))
-            for run in list(self.running.values()):
-                run.future.result()
+            # A series that failed is handled (and retried) by _collect, like any other: it must not end
+            # the daemon here.
+            futures.wait([run.future for run in self.running.values()])
             self._collect(time.monotonic())
         self._teardown(wait=True)
         observer_changed = new.paths.inbox != self.cfg.paths.inbox or new.watch != self.cfg.watch
@@ -127,7 +135,7 @@ class Service:
         self._setup()
         if observer_changed and self.observer is not None:
             self.observer.stop()
-            self.observer = start_observer(self.cfg.paths.inbox, self.mode, self.changes, self.cfg.watch.poll_seconds)
+            self._watch()
         self._scan(time.monotonic())
         log.info("config_reloaded from %s", self.cfg_path)
 
@@ -140,8 +148,7 @@ class Service:
         removed = clean_stale_temps(cfg.paths.outbox)
         if removed:
             log.info("removed %d unfinished temporary file(s) left by an interrupted run", removed)
-        self.mode = choose_mode(cfg.watch.mode, cfg.paths.inbox)
-        self.observer = start_observer(cfg.paths.inbox, self.mode, self.changes, cfg.watch.poll_seconds)
+        self._watch()
         now = time.monotonic()
         self._scan(now)
         next_scan = now + cfg.watch.rescan_seconds
@@ -161,8 +168,10 @@ class Service:
             if now >= next_scan:
                 self._scan(now)
                 next_scan = now + self.cfg.watch.rescan_seconds
-            self._parse_stable(now)
+            backlog = self._parse_stable(now)
             self._collect(now)
+            if self.courier is not None:
+                self.courier.poll()
             if now >= self.paused_until:
                 self._start_complete(now)
             if ping is not None and now >= next_ping:
@@ -171,8 +180,15 @@ class Service:
             if now >= next_status:
                 self._status()
                 next_status = now + 5.0
-            self.stopping.wait(TICK)
+            self.stopping.wait(0 if backlog else TICK)
         return self._shutdown()
+
+    def _watch(self) -> None:
+        """(Re)start the observer for the current config; the mode is chosen again (it may have changed)."""
+        cfg = self.cfg
+        mode = choose_mode(cfg.watch.mode, cfg.paths.inbox)
+        self.observer = start_observer(cfg.paths.inbox, mode, self.changes, cfg.watch.poll_seconds)
+        self.mode = mode_of(self.observer)
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -197,10 +213,12 @@ class Service:
         return 0
 
     def _status(self) -> None:
-        collecting = len([s for s in self.tracker.series.values() if not s.in_flight])
+        # A delivered series whose sources are kept stays tracked (for late files), but collects nothing.
+        collecting = sum(1 for s in self.tracker.series.values() if not s.in_flight and s.has_new_files())
+        uploads = f", {len(self.courier.queue.pending())} uploads pending" if self.courier is not None else ""
         notify(
             f"STATUS={len(self.running)} processing, {collecting} collecting, "
-            f"{self.stats.delivered} delivered, {self.stats.quarantined} quarantined"
+            f"{self.stats.delivered} delivered, {self.stats.quarantined} quarantined{uploads}"
         )
 
     # -- noticing -------------------------------------------------------------------------------------
@@ -222,8 +240,12 @@ class Service:
         if any(part.startswith(".") for part in path.relative_to(inbox).parts[:-1]):
             return
         if path.name in self.cfg.completion.markers:
-            if path.exists():
-                self.tracker.marker(path.parent, now)
+            try:
+                self.tracker.marker(path, path.stat().st_mtime_ns, now)
+            except FileNotFoundError:
+                self.tracker.marker(path, None, now)
+            except OSError:
+                pass
             return
         try:
             st = path.stat()
@@ -252,8 +274,16 @@ class Service:
         return (self.cfg.paths.state / "unpacked") in path.parents
 
     # -- reading headers ------------------------------------------------------------------------------
-    def _parse_stable(self, now: float) -> None:
-        for path in self.tracker.stable(now)[:2000]:
+    def _parse_stable(self, now: float) -> bool:
+        """Read the headers of stable files for at most PARSE_BUDGET; True when some are left for later.
+
+        A backlog of 50,000 files takes minutes to read; reading it in one go would leave finished series
+        uncollected and the workers idle meanwhile, so the main loop goes round between slices.
+        """
+        deadline = time.monotonic() + PARSE_BUDGET
+        for path in self.tracker.stable(now):
+            if time.monotonic() > deadline:
+                return True
             if path.name.upper() == "DICOMDIR":
                 self._dicomdir(path)
                 self.tracker.parsed(path, None, now)
@@ -263,18 +293,25 @@ class Service:
                 self._unpack(path, now)
                 continue
             self._place(path, now)
+        return False
 
-    def _place(self, path: Path, now: float, container: Path | None = None) -> None:
+    def _place(self, path: Path, now: float, container: Path | None = None, member: str = "") -> None:
         inbox = self.cfg.paths.inbox
         rel = str(path.relative_to(inbox)) if inbox in path.parents else path.name
         if container is not None:
-            rel = f"{container.relative_to(inbox)}!{path.name}"
+            # The same journal key as `anondrop once` uses: the member's path inside the ZIP, not just its
+            # name (S1/IM1.dcm and S2/IM1.dcm are two files).
+            rel = f"{container.relative_to(inbox)}!{member or path.name}"
         item = read_info(path, rel, container)
         if isinstance(item, FileInfo):
-            if self.journal.is_delivered(item.rel, item.size, item.mtime_ns):
-                self.tracker.parsed(path, None, now)  # delivered earlier (on_success = keep)
-                return
-            self.tracker.parsed(path, item, now, expected=_expected_count(path))
+            # Delivered by an earlier run (on_success = keep): it joins its series without starting it, so a
+            # late file still makes a complete new version.
+            delivered = self.journal.is_delivered(item.rel, item.size, item.mtime_ns)
+            # The announced count is the same in every file of an acquisition; reading it costs a second
+            # header parse, which for a backlog is most of the main loop's time, so only the first file pays.
+            first = item.series_key not in self.tracker.series
+            expected = _expected_count(path) if first else None
+            self.tracker.parsed(path, item, now, expected=expected, delivered=delivered)
             return
         self.tracker.parsed(path, None, now)
         if item.code == "dicomdir":
@@ -303,7 +340,7 @@ class Service:
         for member in members:
             st = member.stat()
             self.tracker.observe(member, st.st_size, st.st_mtime_ns, now - self.cfg.watch.stable_seconds)
-            self._place(member, now, container=zip_path)
+            self._place(member, now, container=zip_path, member=str(member.relative_to(dest)))
 
     def _dicomdir(self, path: Path) -> None:
         try:
@@ -345,10 +382,10 @@ class Service:
             try:
                 outcome = run.future.result()
             except Cancelled:
-                run.state.in_flight = False
+                self.tracker.release(run.state)
                 continue
             except OSError as exc:
-                run.state.in_flight = False
+                self.tracker.release(run.state)
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     self.paused_until = now + DISK_FULL_PAUSE
                     log.error("outbox_full: no space left for output; pausing %d s, the series will be redone",
@@ -360,7 +397,7 @@ class Service:
                 continue
             except Exception:
                 log.exception("series_failed unexpectedly; it will be retried after the settle time")
-                run.state.in_flight = False
+                self.tracker.release(run.state)
                 run.state.last_change = now
                 continue
             finish_series(self.cfg, self.journal, outcome, getattr(run.future, "summary", Summary()))
@@ -373,13 +410,26 @@ class Service:
             if self.cfg.input.on_success != "keep":
                 prune_empty_dirs(self.cfg.paths.inbox)
 
+    def _released(self, released: list[str]) -> None:
+        """Every destination confirmed a series: its held sources now follow on_success."""
+        dispose_released(self.cfg, released)
+        now = time.monotonic()
+        for rel in released:
+            self.tracker.vanished(self.cfg.paths.inbox / rel, now)
+
     def _finish_containers(self) -> None:
-        """A ZIP container goes (per on_success) once every member is delivered or in quarantine."""
+        """A ZIP container goes (per on_success) once every member is delivered or in quarantine, and the
+        series packaged from it are confirmed by every destination (until then it is held)."""
         for zip_path, members in list(self.containers.items()):
             if any(self._member_pending(m) for m in members):
                 continue
-            dispose(self.cfg, [zip_path])
-            shutil.rmtree(unpack_dir(self.cfg.paths.state, zip_path), ignore_errors=True)
+            try:
+                unpacked: Path | None = unpack_dir(self.cfg.paths.state, zip_path)  # named from the ZIP's stat
+            except FileNotFoundError:
+                unpacked = None  # the ZIP was taken away; its members were handled all the same
+            settle_container(self.cfg, self.journal, zip_path)
+            if unpacked is not None:
+                shutil.rmtree(unpacked, ignore_errors=True)
             for member in members:
                 self.tracker.vanished(member, time.monotonic())
             del self.containers[zip_path]
@@ -391,7 +441,7 @@ class Service:
         if seen.info is None:
             return True
         state = self.tracker.series.get(seen.info.series_key)
-        return state is not None and (state.in_flight or state.processed_at is None)
+        return state is not None and member in state.fresh
 
 
 def _expected_count(path: Path) -> int | None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from anondrop.config import Config
+from anondrop.deliver.queue import DeliveryQueue
 from anondrop.journal import Journal
 from anondrop.quarantine import list_entries
 
@@ -32,6 +33,7 @@ def gather(cfg: Config, recent: int = 10) -> dict[str, Any]:
                 "SELECT at, event, series, detail FROM events ORDER BY id DESC LIMIT ?", (recent,)
             ).fetchall()
         ]
+        deliveries = _deliveries(DeliveryQueue(journal), now)
     finally:
         journal.close()
     entries = list_entries(cfg.paths.quarantine) if cfg.paths.quarantine.exists() else []
@@ -40,9 +42,26 @@ def gather(cfg: Config, recent: int = 10) -> dict[str, Any]:
         "series_by_state": by_state,
         "in_progress": in_progress,
         "recent_events": events,
+        "deliveries": deliveries,
         "quarantine": {
             "entries": len(entries),
             "files": sum(e.file_count for e in entries),
             "by_reason": dict(reasons),
         },
+    }
+
+
+def _deliveries(queue: DeliveryQueue, now: float) -> dict[str, Any]:
+    """Per destination: rows by state; the dead letters with their last error; the oldest pending age."""
+    pending = queue.pending()
+    return {
+        "by_destination": queue.counts(),
+        "pending": len(pending),
+        "oldest_pending_seconds": max((now - p.updated for p in pending), default=0.0),
+        "dead_letters": [
+            {"id": d.id, "series": d.series, "destination": d.destination, "output": d.output,
+             "attempts": d.attempts, "error": d.error or "",
+             "at": datetime.fromtimestamp(d.updated, UTC).strftime("%Y-%m-%d %H:%M:%S")}
+            for d in queue.dead()
+        ],
     }

@@ -15,13 +15,14 @@ A series is complete when every file of it is stable and parsed and one of these
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from anondrop.ingest.scan import FileInfo
 
 
-@dataclass
+# One Observed per file in the inbox, and a backlog can be 100,000 files: slots keep each small.
+@dataclass(slots=True)
 class Observed:
     size: int
     mtime_ns: int
@@ -30,7 +31,7 @@ class Observed:
     bad: bool = False  # parsed and found bad (already quarantined)
 
 
-@dataclass
+@dataclass(slots=True)
 class SeriesState:
     key: tuple[str, str]
     files: dict[Path, FileInfo] = field(default_factory=dict)
@@ -39,6 +40,16 @@ class SeriesState:
     expected: int | None = None
     in_flight: bool = False
     processed_at: float | None = None  # last time it went through the pipeline
+    # Files not yet handled by the pipeline, and those the pass in flight took. Whether a series needs
+    # another pass is decided by these sets, not by clocks: a file that lands while the series is in flight
+    # was observed before the pass ends, yet is not in it.
+    fresh: set[Path] = field(default_factory=set)
+    taken: set[Path] = field(default_factory=set)
+    folders: dict[Path, int] = field(default_factory=dict)  # folder -> files of the series in it
+
+    def has_new_files(self) -> bool:
+        return bool(self.fresh)
+
 
 @dataclass(frozen=True)
 class Rules:
@@ -48,15 +59,23 @@ class Rules:
 
 
 class Tracker:
-    """Files and series as the daemon has observed them."""
+    """Files and series as the daemon has observed them.
+
+    Every decision is asked for several times a second, and the inbox may hold a backlog of 100,000 files
+    (or, with on_success = keep, every file ever delivered): the indexes below keep each question's cost to
+    the files it is about, never a pass over all of them.
+    """
 
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
         self.files: dict[Path, Observed] = {}
         self.series: dict[tuple[str, str], SeriesState] = {}
-        self.markers: dict[Path, float] = {}  # folder -> when a marker was observed
+        self.markers: dict[Path, float] = {}  # folder -> when a marker was observed to appear or change
+        self._marker_mtimes: dict[Path, int] = {}  # marker file -> its mtime when last observed
         # folder -> {Series Instance UID: SOP Instance UIDs} as the folder's DICOMDIR lists them
         self.dicomdir_uids: dict[Path, dict[str, set[str]]] = {}
+        self._unparsed: dict[Path, None] = {}  # files not yet stable and parsed, oldest sighting first
+        self._unparsed_folders: dict[Path, int] = {}  # folder -> how many of those it holds
 
     # -- observations ---------------------------------------------------------------------------------
     def observe(self, path: Path, size: int, mtime_ns: int, now: float) -> bool:
@@ -67,65 +86,106 @@ class Tracker:
         self.files[path] = Observed(size, mtime_ns, now)
         if seen is not None and seen.info is not None:
             self._detach(path, seen.info, now)
+        self._unparsed.pop(path, None)  # re-inserted: the order is by last change
+        self._unparsed[path] = None
+        if seen is None or seen.info is not None or seen.bad:
+            self._unparsed_folders[path.parent] = self._unparsed_folders.get(path.parent, 0) + 1
         return True
 
     def vanished(self, path: Path, now: float) -> None:
         seen = self.files.pop(path, None)
+        self._parsed_now(path)
         if seen is not None and seen.info is not None:
             self._detach(path, seen.info, now)
 
+    def _parsed_now(self, path: Path) -> None:
+        if path in self._unparsed:
+            del self._unparsed[path]
+            _decrement(self._unparsed_folders, path.parent)
+
     def _detach(self, path: Path, info: FileInfo, now: float) -> None:
         state = self.series.get(info.series_key)
-        if state is not None:
-            state.files.pop(path, None)
-            state.last_change = now
-            if not state.files and not state.in_flight:
-                del self.series[info.series_key]
+        if state is None or state.files.pop(path, None) is None:
+            return
+        _decrement(state.folders, path.parent)
+        state.fresh.discard(path)  # if it comes back changed, it is fresh again
+        state.taken.discard(path)  # ... even if the pass in flight took its old content
+        state.last_change = now
+        if not state.files and not state.in_flight:
+            del self.series[info.series_key]
 
     def stable(self, now: float) -> list[Path]:
         """Files unchanged for stable_seconds and not parsed yet: ready to have their header read."""
         wait = self.rules.stable_seconds
-        return [p for p, o in self.files.items() if o.info is None and not o.bad and now - o.changed_at >= wait]
+        ready = []
+        for path in self._unparsed:  # oldest change first: stop at the first one still changing
+            if now - self.files[path].changed_at < wait:
+                break
+            ready.append(path)
+        return ready
 
-    def parsed(self, path: Path, info: FileInfo | None, now: float, expected: int | None = None) -> None:
-        """A stable file's header was read: attach it to its series (None: it was bad, and handled)."""
+    def parsed(
+        self, path: Path, info: FileInfo | None, now: float, expected: int | None = None, delivered: bool = False
+    ) -> None:
+        """A stable file's header was read: attach it to its series (None: it was bad, and handled).
+
+        `delivered`: an earlier run already delivered this very file (on_success = keep). It belongs to its
+        series, so that a late file makes a complete new version, but alone it triggers nothing.
+        """
         seen = self.files.get(path)
         if seen is None:
             return
+        self._parsed_now(path)
         if info is None:
             seen.bad = True
             return
-        seen.info = info
         state = self.series.get(info.series_key)
         if state is None:
             state = self.series[info.series_key] = SeriesState(info.series_key, first_seen=seen.changed_at)
+        else:
+            # Every file read its own copy of the study and series UIDs: share the series' copy instead.
+            info = replace(info, study_uid=state.key[0], series_uid=state.key[1])
+        seen.info = info
+        if path not in state.files:
+            state.folders[path.parent] = state.folders.get(path.parent, 0) + 1
         state.files[path] = info
+        if delivered:
+            return
+        state.fresh.add(path)
         state.last_change = max(state.last_change, seen.changed_at)
         if expected:
             state.expected = max(state.expected or 0, expected)
 
-    def marker(self, folder: Path, now: float) -> None:
-        self.markers[folder] = now
+    def marker(self, path: Path, mtime_ns: int | None, now: float) -> None:
+        """A marker file was observed (mtime_ns None: it is gone).
+
+        Like any file, a marker counts from when it was seen to appear or change, not each time a rescan
+        sees it again: a DONE left over from the last series must not complete the next one while its files
+        are still arriving. Touching the marker again is a new signal.
+        """
+        if mtime_ns is None:
+            if self._marker_mtimes.pop(path, None) is not None:
+                self.markers.pop(path.parent, None)
+            return
+        if self._marker_mtimes.get(path) == mtime_ns:
+            return
+        self._marker_mtimes[path] = mtime_ns
+        self.markers[path.parent] = now
 
     def dicomdir(self, folder: Path, listing: dict[str, set[str]]) -> None:
         self.dicomdir_uids[folder] = listing
 
     # -- decisions ------------------------------------------------------------------------------------
-    def _pending_folders(self) -> set[Path]:
-        """Folders holding a file not yet stable and parsed (it may still belong to a series there)."""
-        return {path.parent for path, seen in self.files.items() if seen.info is None and not seen.bad}
-
     def complete(self, now: float) -> list[tuple[SeriesState, str]]:
         """Series ready to process, each with the evidence (for the log)."""
         ready = []
-        pending = self._pending_folders()  # one pass over all files, not one per series
+        # A folder holding a file not yet stable and parsed may still be receiving files of a series there.
+        pending = self._unparsed_folders
         for state in self.series.values():
-            if state.in_flight or not state.files:
-                continue
-            if state.processed_at is not None and state.last_change <= state.processed_at:
-                continue  # nothing new since it was processed
-            folders = {p.parent for p in state.files}
-            if folders & pending:
+            if state.in_flight or not state.fresh:
+                continue  # busy, or nothing new since it was processed
+            folders = state.folders.keys()
+            if any(folder in pending for folder in folders):
                 if now - state.first_seen >= self.rules.max_wait_seconds:
                     ready.append((state, "max_wait_seconds reached while files were still changing"))
                 continue
@@ -134,18 +194,19 @@ class Tracker:
                 ready.append((state, why))
         return ready
 
-    def _evidence(self, state: SeriesState, folders: set[Path], now: float) -> str | None:
+    def _evidence(self, state: SeriesState, folders: Iterable[Path], now: float) -> str | None:
         for folder in folders:
             at = self.markers.get(folder)
             if at is not None and at >= state.last_change:
                 return f"marker file in {folder.name or '.'}"
-        uids = {f.sop_uid for f in state.files.values()}
-        for folder in folders:
-            listed = self.dicomdir_uids.get(folder, {}).get(state.key[1])
-            if listed and listed <= uids:
-                return f"DICOMDIR lists all {len(listed)} instances"
-        if state.expected and len(uids) >= state.expected:
-            return f"all {state.expected} instances the data announces are here"
+        listings = [listed for folder in folders if (listed := self.dicomdir_uids.get(folder, {}).get(state.key[1]))]
+        if listings or state.expected:
+            uids = {f.sop_uid for f in state.files.values()}
+            for listed in listings:
+                if listed <= uids:
+                    return f"DICOMDIR lists all {len(listed)} instances"
+            if state.expected and len(uids) >= state.expected:
+                return f"all {state.expected} instances the data announces are here"
         if now - state.last_change >= self.rules.settle_seconds:
             return f"no change for {self.rules.settle_seconds:g} s"
         if now - state.first_seen >= self.rules.max_wait_seconds:
@@ -154,7 +215,13 @@ class Tracker:
 
     def take(self, state: SeriesState) -> list[FileInfo]:
         state.in_flight = True
+        state.taken = set(state.files)
         return list(state.files.values())
+
+    def release(self, state: SeriesState) -> None:
+        """The pass was abandoned (cancelled, failed): its files still need processing."""
+        state.in_flight = False
+        state.taken = set()
 
     def done(self, key: tuple[str, str], delivered: Iterable[Path], now: float) -> None:
         """Processing finished: forget files that left the inbox; the series may collect a late file."""
@@ -163,9 +230,22 @@ class Tracker:
             return
         state.in_flight = False
         state.processed_at = now
+        # Only what this pass took is handled (a file changed meanwhile was dropped from `taken`).
+        state.fresh -= state.taken
+        state.taken = set()
         for path in delivered:
-            if not path.exists():
-                state.files.pop(path, None)
+            if not path.exists() and state.files.pop(path, None) is not None:
+                _decrement(state.folders, path.parent)
+                state.fresh.discard(path)
                 self.files.pop(path, None)
+                self._parsed_now(path)
         if not state.files:
             del self.series[key]
+
+
+def _decrement(counts: dict[Path, int], key: Path) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -63,9 +63,26 @@ class _Handler(FileSystemEventHandler):
 
 
 def start_observer(inbox: Path, mode: str, changes: queue.Queue[Path], poll_seconds: float) -> BaseObserver:
-    observer: BaseObserver = PollingObserver(timeout=poll_seconds) if mode == "poll" else Observer()
+    """Start watching; when inotify cannot be had, poll instead of not watching at all."""
+    if mode != "poll":
+        try:
+            return _start(Observer(), inbox, changes, "inotify")
+        except OSError as exc:
+            # fs.inotify.max_user_watches or max_user_instances exhausted (one watch per folder), or no
+            # inotify at all: polling is slower to notice, but notices.
+            log.warning("watch_fallback: inotify is not available for %s (%s); polling every %g s instead. "
+                        "Raise fs.inotify.max_user_watches, or set [watch] mode = \"poll\" to silence this",
+                        inbox, exc.strerror or exc, poll_seconds)
+    return _start(PollingObserver(timeout=poll_seconds), inbox, changes, "polling")
+
+
+def mode_of(observer: BaseObserver) -> str:
+    return "poll" if isinstance(observer, PollingObserver) else "inotify"
+
+
+def _start(observer: BaseObserver, inbox: Path, changes: queue.Queue[Path], how: str) -> BaseObserver:
     observer.schedule(_Handler(changes), str(inbox), recursive=True)
     observer.daemon = True
     observer.start()
-    log.info("watching %s with %s", inbox, "polling" if mode == "poll" else "inotify")
+    log.info("watching %s with %s", inbox, how)
     return observer
