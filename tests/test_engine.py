@@ -360,3 +360,22 @@ def test_output_of_minimal_file_without_meta_gets_meta() -> None:
     out, _ = run(ds)
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     assert "ROE" not in all_values(out)
+
+
+def test_dashed_dates_shift_to_valid_dates_and_pydicom_never_quotes_values(capfd: pytest.CaptureFixture[str]) -> None:
+    from pydicom import config as pconfig
+
+    from anondrop.logs import quiet_pydicom
+
+    saved = (pconfig.settings.reading_validation_mode, pconfig.settings.writing_validation_mode)
+    try:
+        quiet_pydicom()
+        src = ct()
+        src.AcquisitionDate = "1961-03-15"
+        src.StudyDate = "19610315"
+        _, res = run_bytes(src, ["retain_longitudinal_modified_dates"])
+        out = dcmread(BytesIO(res.data))
+        assert out.AcquisitionDate == out.StudyDate and len(out.AcquisitionDate) == 8
+        assert "1961" not in capfd.readouterr().err
+    finally:
+        pconfig.settings.reading_validation_mode, pconfig.settings.writing_validation_mode = saved

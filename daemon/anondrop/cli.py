@@ -56,6 +56,9 @@ def _load(path: Path | None) -> config_mod.Config:
 
 
 def _logging(verbose: bool) -> None:
+    from anondrop.logs import quiet_pydicom
+
+    quiet_pydicom()
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

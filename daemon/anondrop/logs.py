@@ -27,7 +27,18 @@ def _stderr_is_journal() -> bool:
     return st.st_dev == dev and st.st_ino == ino
 
 
+def quiet_pydicom() -> None:
+    """pydicom's validation warnings quote the offending value, which may be a patient's name or date:
+    such a line must never reach a log. Values are validated by the engine and the release gate instead."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    config.settings.writing_validation_mode = config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def setup_daemon_logging(verbose: bool = True) -> None:
+    quiet_pydicom()
     level = logging.INFO if verbose else logging.WARNING
     root = logging.getLogger()
     root.handlers.clear()

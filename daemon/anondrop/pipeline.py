@@ -59,6 +59,9 @@ _worker_state: tuple[Policy, Keys] | None = None
 
 
 def _init_worker(policy: Policy, keys: Keys) -> None:
+    from anondrop.logs import quiet_pydicom
+
+    quiet_pydicom()  # worker stderr is the daemon's log
     global _worker_state
     _worker_state = (policy, keys)
 

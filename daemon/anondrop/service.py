@@ -87,6 +87,8 @@ class Service:
         self.running: dict[tuple[str, str], _Running] = {}
         self.containers: dict[Path, list[Path]] = {}  # inbox ZIP -> unpacked member paths
         self.stats = Stats()
+        self.unpacking: dict[Path, tuple[Path, Future[list[Path]]]] = {}  # inbox ZIP -> (folder, unpack job)
+        self.member_of: dict[Path, tuple[Path, str]] = {}  # unpacked member -> (inbox ZIP, path inside it)
         self.paused_until = 0.0
         self.mode = "inotify"
         self.observer: BaseObserver | None = None
@@ -102,6 +104,7 @@ class Service:
         self.policy, self.keys = make_policy(cfg), make_keys(cfg)
         self.workers = Workers(cfg.processing.worker_count(), self.policy, self.keys)
         self.series_pool = ThreadPoolExecutor(cfg.processing.worker_count(), thread_name_prefix="series")
+        self.io_pool = ThreadPoolExecutor(1, thread_name_prefix="unpack")
         self.ctx = Context(cfg, self.policy, self.keys, self.journal, cfg.paths.outbox)
         self.ctx.cancel = self.stopping
         # Uploads run on their own threads, one lane per destination: a destination that is down holds up
@@ -112,6 +115,7 @@ class Service:
         if self.courier is not None:
             self.courier.close(timeout=10.0 if wait else 5.0)
         self.series_pool.shutdown(wait=wait, cancel_futures=True)
+        self.io_pool.shutdown(wait=wait, cancel_futures=True)
         self.workers.close()
         self.journal.close()
 
@@ -136,7 +140,14 @@ class Service:
         if observer_changed and self.observer is not None:
             self.observer.stop()
             self._watch()
-        self._scan(time.monotonic())
+        now = time.monotonic()
+        self._scan(now)
+        # The new tracker knows nothing of members unpacked from inbox ZIPs (they live under state/): show
+        # them again, so their containers can still finish.
+        for member in list(self.member_of):
+            with contextlib.suppress(OSError):
+                st = member.stat()
+                self.tracker.observe(member, st.st_size, st.st_mtime_ns, now - self.cfg.watch.stable_seconds)
         log.info("config_reloaded from %s", self.cfg_path)
 
     # -- main loop ------------------------------------------------------------------------------------
@@ -161,7 +172,9 @@ class Service:
                  cfg.processing.worker_count())
         while not self.stopping.is_set():
             now = time.monotonic()
-            if self.reload.is_set():
+            # A reload waits for the series in progress without blocking the loop (watchdog pings and
+            # SIGTERM go on); no new series starts meanwhile.
+            if self.reload.is_set() and not self.running:
                 self._reload()
                 next_scan = now + self.cfg.watch.rescan_seconds
             self._drain(now)
@@ -172,7 +185,8 @@ class Service:
             self._collect(now)
             if self.courier is not None:
                 self.courier.poll()
-            if now >= self.paused_until:
+            self._collect_unpacks(now)
+            if now >= self.paused_until and not self.reload.is_set():
                 self._start_complete(now)
             if ping is not None and now >= next_ping:
                 notify("WATCHDOG=1")
@@ -288,6 +302,10 @@ class Service:
                 self._dicomdir(path)
                 self.tracker.parsed(path, None, now)
                 continue
+            if path in self.member_of:
+                container, member = self.member_of[path]
+                self._place(path, now, container=container, member=member)
+                continue
             if not self._is_member(path) and containers.is_zip(path):
                 self.tracker.parsed(path, None, now)
                 self._unpack(path, now)
@@ -323,24 +341,43 @@ class Service:
         self.stats.quarantined += 1
 
     def _unpack(self, zip_path: Path, now: float) -> None:
+        """Unpack an inbox ZIP on the I/O thread: a big one takes long, and the main loop must keep going
+        (watchdog pings, SIGTERM, other series). Its members are placed by _collect_unpacks."""
         cfg = self.cfg
         dest = unpack_dir(cfg.paths.state, zip_path)
         limits = containers.ZipLimits(cfg.input.max_zip_entries, cfg.input.max_zip_bytes, cfg.input.max_zip_ratio)
-        try:
+
+        def work() -> list[Path]:
             if dest.exists():
                 shutil.rmtree(dest)
-            members = containers.unpack_zip(zip_path, dest, limits)
-        except containers.ContainerRejected as exc:
-            quarantine_files([zip_path], inbox=cfg.paths.inbox, quarantine=cfg.paths.quarantine,
-                             reason=QuarantineReason("zip-rejected", exc.reason))
-            log.warning("zip-rejected: a ZIP container went to quarantine: %s", exc.reason)
-            self.stats.quarantined += 1
-            return
-        self.containers[zip_path] = members
-        for member in members:
-            st = member.stat()
-            self.tracker.observe(member, st.st_size, st.st_mtime_ns, now - self.cfg.watch.stable_seconds)
-            self._place(member, now, container=zip_path, member=str(member.relative_to(dest)))
+            return containers.unpack_zip(zip_path, dest, limits)
+
+        self.unpacking[zip_path] = (dest, self.io_pool.submit(work))
+
+    def _collect_unpacks(self, now: float) -> None:
+        for zip_path, (dest, future) in list(self.unpacking.items()):
+            if not future.done():
+                continue
+            del self.unpacking[zip_path]
+            try:
+                members = future.result()
+            except containers.ContainerRejected as exc:
+                cfg = self.cfg
+                quarantine_files([zip_path], inbox=cfg.paths.inbox, quarantine=cfg.paths.quarantine,
+                                 reason=QuarantineReason("zip-rejected", exc.reason))
+                log.warning("zip-rejected: a ZIP container went to quarantine: %s", exc.reason)
+                self.stats.quarantined += 1
+                continue
+            except OSError as exc:
+                log.error("zip_unreadable: %s; it is tried again at the next rescan", exc.strerror)
+                self.tracker.vanished(zip_path, now)
+                continue
+            self.containers[zip_path] = members
+            for member in members:
+                st = member.stat()
+                # Unpacked complete: stable at once. Headers are read by _parse_stable, within its budget.
+                self.member_of[member] = (zip_path, str(member.relative_to(dest)))
+                self.tracker.observe(member, st.st_size, st.st_mtime_ns, now - self.cfg.watch.stable_seconds)
 
     def _dicomdir(self, path: Path) -> None:
         try:
@@ -432,6 +469,7 @@ class Service:
                 shutil.rmtree(unpacked, ignore_errors=True)
             for member in members:
                 self.tracker.vanished(member, time.monotonic())
+                self.member_of.pop(member, None)
             del self.containers[zip_path]
 
     def _member_pending(self, member: Path) -> bool:

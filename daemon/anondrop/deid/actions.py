@@ -107,6 +107,7 @@ def empty(vr: str) -> object:
 
 
 _DA = re.compile(r"^(\d{4})(\d{2})?(\d{2})?$")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _shift_date_text(text: str, days: int) -> str:
@@ -132,6 +133,9 @@ def shift_da(value: str, days: int) -> str:
     """Shift every value of a DA element (multi-valued and range values included)."""
     out = []
     for part in value.split("\\"):
+        part = part.strip()
+        if _ISO_DATE.match(part):  # "1961-03-15" (invalid for DA, but written by some systems)
+            part = part.replace("-", "")
         if "-" in part:  # a range "A-B" (query form, sometimes stored)
             out.append("-".join(_shift_date_text(p, days) if p else "" for p in part.split("-", 1)))
         else:
