@@ -68,3 +68,18 @@ def test_late_file_with_keep_gives_complete_v2_without_duplicates(site: Site, cl
     assert _instances(v2) == [1, 2, 3, 4]
     third = cli("once", "--config", site.config)
     assert third.returncode == 0 and len(site.outputs()) == 2  # nothing new: nothing produced
+
+
+def test_output_written_but_not_journaled_is_adopted_not_repeated(site: Site, cli: Callable[..., CliResult]) -> None:
+    """A crash after the ZIP's rename but before the journal write: the next run must not make a _v2."""
+    _series(site.inbox / "ct", 3)
+    assert cli("once", "--config", site.config).returncode == 0
+    [v1] = site.outputs()
+    before = v1.read_bytes()
+    (site.state / "journal.sqlite").unlink()  # as if the journal never heard of the delivery
+    for extra in ("journal.sqlite-wal", "journal.sqlite-shm"):
+        (site.state / extra).unlink(missing_ok=True)
+    again = cli("once", "--config", site.config)
+    assert again.returncode == 0, again.stderr
+    assert site.outputs() == [v1] and v1.read_bytes() == before
+    assert cli("once", "--config", site.config).returncode == 0 and site.outputs() == [v1]

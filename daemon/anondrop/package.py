@@ -121,6 +121,10 @@ class SeriesZip:
         self._entries.append({"name": name, "size": size, "sha256": sha256})
         return sha256
 
+    def entry_digests(self) -> list[str]:
+        """SHA-256 of every entry added so far, in order (what the manifest will list)."""
+        return [str(e["sha256"]) for e in self._entries]
+
     def commit(self, manifest: dict[str, object]) -> Path:
         """Write manifest.json last, make the ZIP durable and move it into place; returns the final path.
 

@@ -10,6 +10,7 @@ and no visible output; a crash after it leaves a complete ZIP and a series that 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -438,8 +439,16 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 summary.gated.append((label, [str(h) for h in hits[:10]]))
                 return SeriesOutcome("gated", label=label)
             return SeriesOutcome("empty", label=label)
-        final = zipw.commit(manifest)
-        zipw = None
+        same = _identical_version(ctx.outbox, first, zipw.entry_digests())
+        if same is not None:
+            # A crash between the rename of this very output and the journal write: it is there already,
+            # complete and identical (de-identification is deterministic), so it is adopted, not repeated.
+            zipw.abort()
+            zipw = None
+            final = same
+        else:
+            final = zipw.commit(manifest)
+            zipw = None
         for f, code, message in bad:
             _quarantine(ctx, [f], QuarantineReason(code, message, first.series_uid), summary)
         return SeriesOutcome("delivered", final, written + dupes, first.series_uid)
@@ -530,6 +539,23 @@ def _zip_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
 
 def _deid_uid(ctx: Context, uid: str) -> str:
     return uid if ctx.policy.has("retain_uids") else ctx.keys.uid(uid)
+
+
+def _identical_version(outbox: Path, report: engine.Report, digests: list[str]) -> Path | None:
+    """An existing version of this series' ZIP whose entries have exactly these SHA-256s, in order."""
+    base = output_path(outbox, report)
+    candidates = sorted(base.parent.glob(f"{glob.escape(base.stem)}*.zip")) if base.parent.is_dir() else []
+    for path in candidates:
+        if path.name != base.name and not path.stem.removeprefix(base.stem).startswith("_v"):
+            continue
+        try:
+            with zipfile.ZipFile(path) as zf:
+                entries = json.loads(zf.read("manifest.json")).get("entries", [])
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            continue
+        if [e.get("sha256") for e in entries] == digests:
+            return path
+    return None
 
 
 def _rest(files: list[FileInfo], written: list[FileInfo], bad: list[tuple[FileInfo, str, str]]) -> list[FileInfo]:
