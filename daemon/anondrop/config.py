@@ -135,6 +135,7 @@ class Output(_Section):
 
 class Processing(_Section):
     workers: Annotated[int, Field(ge=0)] = 0  # 0: one per CPU
+    disk_full_pause_seconds: Annotated[float, Field(gt=0)] = 30.0  # daemon: wait after "no space left"
 
     def worker_count(self) -> int:
         return self.workers or max(1, os.cpu_count() or 1)

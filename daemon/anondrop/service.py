@@ -59,7 +59,6 @@ log = logging.getLogger("anondrop")
 
 TICK = 0.2
 PARSE_BUDGET = 0.2  # seconds of header reading per turn of the main loop
-DISK_FULL_PAUSE = 30.0
 
 
 @dataclass
@@ -424,9 +423,10 @@ class Service:
             except OSError as exc:
                 self.tracker.release(run.state)
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self.paused_until = now + DISK_FULL_PAUSE
-                    log.error("outbox_full: no space left for output; pausing %d s, the series will be redone",
-                              DISK_FULL_PAUSE)
+                    pause = self.cfg.processing.disk_full_pause_seconds
+                    self.paused_until = now + pause
+                    log.error("outbox_full: no space left for output; pausing %g s, the series will be redone",
+                              pause)
                 else:
                     log.error("series_failed: %s; it will be retried", exc)
                 run.state.processed_at = None
