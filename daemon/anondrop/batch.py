@@ -10,7 +10,7 @@ from pathlib import Path
 from anondrop.config import Config
 from anondrop.deliver.courier import Courier, Report
 from anondrop.deliver.queue import DEAD, DeliveryQueue
-from anondrop.ingest.scan import FileInfo, Inventory
+from anondrop.ingest.scan import FileInfo, Inventory, unpack_dir
 from anondrop.journal import Journal
 from anondrop.package import clean_stale_temps
 from anondrop.pipeline import (
@@ -54,7 +54,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
             _tally(courier.poll(), summary)
         inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary, workers)
         # Named from each ZIP's stat: taken now, as a confirmation may dispose of a container during the run.
-        unpacked = {c: _unpacked(cfg, c) for c in inv.containers}
+        unpacked = {c: unpack_dir(cfg.paths.state, c) for c in inv.containers}
         ctx = Context(cfg, policy, keys, journal, cfg.paths.outbox)
         _quarantine_bad(ctx, inv, summary)
         todo = _pending(journal, inv, summary)
@@ -144,16 +144,10 @@ def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactor
             if outcome.state == "delivered" and outcome.output is not None:
                 summary.delivered.append((str(outcome.output.relative_to(out)), len(outcome.files_done)))
         for container in inv.containers:
-            shutil.rmtree(_unpacked(cfg, container), ignore_errors=True)
+            shutil.rmtree(unpack_dir(cfg.paths.state, container), ignore_errors=True)
     finally:
         workers.close()
     return summary
-
-
-def _unpacked(cfg: Config, container: Path) -> Path:
-    from anondrop.ingest.scan import unpack_dir
-
-    return unpack_dir(cfg.paths.state, container)
 
 
 def _quarantine_bad(ctx: Context, inv: Inventory, summary: Summary) -> None:

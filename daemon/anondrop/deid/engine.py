@@ -541,9 +541,7 @@ def _report(ds: Dataset, counts: Counter[str], burned: str | None) -> Report:
     )
 
 
-def _new_meta(
-    old: FileMetaDataset | None, ds: Dataset, keys: Keys, policy: Policy, ts: str
-) -> FileMetaDataset:
+def _new_meta(old: FileMetaDataset | None, ds: Dataset, ts: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     if old is not None:
         for elem in old:
@@ -578,7 +576,7 @@ def deidentify(
     report = _apply(out, policy, keys, ids, _no_fill, shared=False)
     old_meta = getattr(ds, "file_meta", None)
     ts = str(getattr(old_meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
-    out.file_meta = _new_meta(old_meta, out, keys, policy, ts)
+    out.file_meta = _new_meta(old_meta, out, ts)
     return out, report
 
 
@@ -637,7 +635,7 @@ def deidentify_bytes(
             end = _undefined_end(data, start) - 8 if raw.length == 0xFFFFFFFF else start + raw.length
             target._dict[raw.tag] = raw._replace(value=data[start:end])
 
-    ids = identifiers if identifiers is not None else _ids_of(ds, policy, fill)
+    ids = identifiers if identifiers is not None else collect_identifiers_raw(ds, policy, fill)
     original = {int(t): raw_item(ds, t) for t in ds.keys()}
     report = _apply(ds, policy, keys, ids, fill, shared=True)
 
@@ -645,7 +643,7 @@ def deidentify_bytes(
         # Rare encodings: let pydicom write the whole file (values are filled in first).
         for key in list(ds.keys()):
             fill(ds, int(key))
-        ds.file_meta = _new_meta(meta, ds, keys, policy, ts)
+        ds.file_meta = _new_meta(meta, ds, ts)
         buf = BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
         out = buf.getvalue()
@@ -656,7 +654,7 @@ def deidentify_bytes(
     if head is None:  # unusual meta elements to carry over: let pydicom encode the meta
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
-        write_file_meta_info(fp, _new_meta(meta, ds, keys, policy, ts), enforce_standard=True)
+        write_file_meta_info(fp, _new_meta(meta, ds, ts), enforce_standard=True)
         head = fp.getvalue()
     parts: list[bytes | memoryview] = [b"\0" * 128 + b"DICM" + head]
     gate_parts: list[bytes | memoryview] = [parts[0]]
@@ -853,10 +851,6 @@ def _check_native_pixels(ds: Dataset) -> None:
     need = rows * cols * _unsigned(ds, "SamplesPerPixel", 1) * frames * _unsigned(ds, "BitsAllocated", 0) // 8
     if have < need:
         raise Truncated(f"pixel data holds {have} bytes but the image needs {need}: the file is truncated")
-
-
-def _ids_of(ds: Dataset, policy: Policy, fill: Callable[[Dataset, int], None]) -> Identifiers:
-    return collect_identifiers_raw(ds, policy, fill)
 
 
 def collect_identifiers_raw(ds: Dataset, policy: Policy, fill: Callable[[Dataset, int], None]) -> Identifiers:
