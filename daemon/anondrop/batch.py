@@ -25,7 +25,8 @@ from anondrop.pipeline import (
     _rel,
     dispose,
     make_keys,
-    make_policy,
+    make_routes,
+    open_crosswalk,
     process_series,
     prune_empty_dirs,
     take_inventory,
@@ -44,8 +45,9 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     if removed:
         log.info("removed %d unfinished temporary file(s) from an earlier run", removed)
     journal = Journal(cfg.paths.state / "journal.sqlite")
-    policy, keys = make_policy(cfg), make_keys(cfg)
-    workers = Workers(cfg.processing.worker_count(), policy, keys)
+    routes, keys = make_routes(cfg), make_keys(cfg)
+    cross = open_crosswalk(cfg)
+    workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
     courier: Courier | None = None
     try:
         if cfg.destinations:
@@ -55,7 +57,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
         inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary, workers)
         # Named from each ZIP's stat: taken now, as a confirmation may dispose of a container during the run.
         unpacked = {c: unpack_dir(cfg.paths.state, c) for c in inv.containers}
-        ctx = Context(cfg, policy, keys, journal, cfg.paths.outbox)
+        ctx = Context(cfg, routes, keys, journal, cfg.paths.outbox, cfg.paths.inbox, crosswalk=cross)
         _quarantine_bad(ctx, inv, summary)
         todo = _pending(journal, inv, summary)
         total = sum(len(f) for f in todo.values())
@@ -80,6 +82,8 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
             courier.close()
         workers.close()
         journal.close()
+        if cross is not None:
+            cross.close()
     return summary
 
 
@@ -98,21 +102,21 @@ def finish_series(cfg: Config, journal: Journal, outcome: SeriesOutcome, summary
         rel = str(outcome.output.relative_to(cfg.paths.outbox))
         summary.delivered.append((rel, len(outcome.files_done)))
         sources = [f for f in outcome.files_done if f.container is None]
-        if cfg.destinations:
+        destinations = list(outcome.destinations)
+        if destinations:
             # Queued before the journal records the series: a crash in between redoes the series (one more
             # version goes out), never leaves a ZIP that no destination is sent. The sources are held until
             # every destination has confirmed; members of inbox ZIPs are held through their container.
-            DeliveryQueue(journal).enqueue(outcome.label, rel, [d.name for d in cfg.destinations],
-                                           [f.rel for f in sources])
+            DeliveryQueue(journal).enqueue(outcome.label, rel, destinations, [f.rel for f in sources])
         journal.set_series(
-            outcome.label, study=outcome.output.parent.name, patient=outcome.output.parent.parent.name,
+            outcome.label, study=outcome.study, patient=outcome.patient,
             state="delivered", files=len(outcome.files_done), output=rel, new_version=True,
         )
         journal.mark_files([(f.rel, f.size, f.mtime_ns) for f in outcome.files_done], outcome.label, "delivered")
         journal.event(SERIES_DELIVERED, outcome.label, f"{len(outcome.files_done)} files -> {rel}")
         log.info("%s: series %s, %d files -> %s", SERIES_DELIVERED, outcome.label, len(outcome.files_done), rel)
-        if cfg.destinations:
-            log.info("delivery_queued: series %s -> %s", outcome.label, ", ".join(d.name for d in cfg.destinations))
+        if destinations:
+            log.info("delivery_queued: series %s -> %s", outcome.label, ", ".join(destinations))
             return
         # Only now, with the ZIP renamed into place and the journal saying so, may sources go.
         dispose(cfg, [f.path for f in sources])
@@ -126,12 +130,12 @@ def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactor
     """Ad hoc: de-identify a file or folder into ZIPs under `out`; the source and the inbox stay untouched."""
     summary = Summary()
     out.mkdir(parents=True, exist_ok=True)
-    policy, keys = make_policy(cfg), make_keys(cfg)
-    workers = Workers(cfg.processing.worker_count(), policy, keys)
+    routes, keys = make_routes(cfg), make_keys(cfg)
+    workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
     try:
         base = source if source.is_dir() else source.parent
         inv = take_inventory(cfg, [source], base, summary, workers)
-        ctx = Context(cfg, policy, keys, None, out, dispose=False)
+        ctx = Context(cfg, routes, keys, None, out, base, dispose=False)
         for bad in inv.bad + inv.rejected_containers:
             summary.quarantined[bad.code] += 1
             summary.reasons.setdefault(bad.code, bad.message)

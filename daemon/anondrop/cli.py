@@ -23,6 +23,7 @@ from anondrop import config as config_mod
 
 if TYPE_CHECKING:
     from anondrop.pipeline import Summary
+    from anondrop.routes import RouteTable
 
 app = typer.Typer(
     name="anondrop",
@@ -147,10 +148,11 @@ def check_config(
     all_rows: Annotated[bool, typer.Option("--all", help="List every attribute's action.")] = False,
 ) -> None:
     """Validate the config and print the effective policy."""
-    from anondrop.pipeline import make_policy
+    from anondrop.pipeline import make_routes
 
     cfg = _load(config)
-    policy = make_policy(cfg)
+    routes = make_routes(cfg)
+    policy = routes.lanes[-1].policy
     out.print(f"config: {cfg.source}", highlight=False)
     for key in ("inbox", "outbox", "quarantine", "state", "done"):
         out.print(f"  paths.{key} = {getattr(cfg.paths, key)}", highlight=False)
@@ -186,12 +188,31 @@ def check_config(
                 err.print(f"[yellow]warning:[/yellow] destinations[{i}] ({dest.name}): {problem}", highlight=False)
     else:
         out.print("destinations: none (the outbox is the destination)")
+    _print_routes(cfg, routes)
     if all_rows:
         table = Table("tag", "keyword", "action")
         for tag, kw, act in rows:
             table.add_row(tag, kw, f"{act} ({names.get(act, act)})")
         out.print(table)
     out.print("[green]config OK[/green]")
+
+
+def _print_routes(cfg: config_mod.Config, routes: RouteTable) -> None:
+    from anondrop.naming import Namer
+
+    if cfg.routes:
+        table = Table("route", "folder", "match", "options", "destinations", title="routes (first match wins)")
+        for lane in routes.lanes:
+            table.add_row(*lane.describe())
+        out.print(table)
+    naming = cfg.naming
+    example = Namer(naming).zip_path({}, ["Folder1", "Folder2"] if naming.preserve_folders else [])
+    out.print(f"naming: {naming.path} (e.g. {example}); entries: {naming.entry}", highlight=False)
+    if naming.preserve_folders:
+        rules = ", ".join(f"level {r.level}: {r.action}" for r in naming.folders) or "keep every level"
+        out.print(f"  source folder names are kept ({rules}); they travel with the data", highlight=False)
+    if cfg.crosswalk.enabled:
+        out.print("crosswalk: on (original <-> pseudonym pairs kept encrypted in the state folder)")
 
 
 @app.command()
@@ -312,6 +333,45 @@ def deliveries_retry(
     finally:
         journal.close()
     out.print(f"{count} deliver(y/ies) queued again; `anondrop run` sends them now, or run `anondrop once`")
+
+
+crosswalk_app = typer.Typer(help="The re-identification crosswalk (with [crosswalk] enabled).", no_args_is_help=True)
+app.add_typer(crosswalk_app, name="crosswalk")
+
+
+@crosswalk_app.command("export")
+def crosswalk_export(
+    out_file: Annotated[Path, typer.Option("--out", help="CSV file to write (mode 0600).")],
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+) -> None:
+    """Write every original <-> pseudonym pair (PatientID, Study Instance UID, Accession Number) as CSV."""
+    from anondrop.crosswalk import FILE_NAME, CrosswalkError, open_from_config
+
+    cfg = _load(config)
+    cw = cfg.crosswalk
+    if not cw.enabled:
+        err.print("[red]error:[/red] the crosswalk is off: set [crosswalk] enabled = true and a key first")
+        raise typer.Exit(EXIT_CONFIG)
+    if not (cfg.paths.state / FILE_NAME).is_file():
+        err.print(f"[red]error:[/red] no crosswalk yet in {cfg.paths.state}: no series has been delivered with it on")
+        raise typer.Exit(EXIT_ERROR)
+    if out_file.exists() and not force:
+        err.print(f"[red]error:[/red] {out_file} exists; choose another file or pass --force")
+        raise typer.Exit(EXIT_CONFIG)
+    try:
+        store = open_from_config(cfg.paths.state, cw.key_file, cw.key_env)
+        try:
+            count = store.export(out_file)
+        finally:
+            store.close()
+    except CrosswalkError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot write {out_file}: {exc.strerror}", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    out.print(f"{count} pair(s) written to {out_file}; it re-identifies patients: keep it as such", highlight=False)
 
 
 quarantine_app = typer.Typer(help="Inspect, retry or purge quarantined input.", no_args_is_help=True)

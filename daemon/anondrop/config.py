@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anondrop.deid import _ps315
+from anondrop.naming import DEFAULT_ENTRY_TEMPLATE, DEFAULT_PATH_TEMPLATE
 
 DEFAULT_CONFIG = Path("/etc/anondrop/config.toml")
 ENV_CONFIG = "ANONDROP_CONFIG"
@@ -35,6 +36,11 @@ Action = Literal["X", "Z", "D", "K", "C", "U"]
 _TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-fxX]{4})\)?$")
 _DEST_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 DESTINATION_KINDS = ("dicomweb", "dimse", "s3", "sftp", "outbox")
+
+
+def _repeated(items: list[object]) -> object | None:
+    """The first item listed a second time, or None."""
+    return next((x for i, x in enumerate(items) if x in items[:i]), None)
 
 
 class ConfigError(Exception):
@@ -69,9 +75,9 @@ class Deidentify(_Section):
     @field_validator("options")
     @classmethod
     def _no_repeats(cls, v: list[str]) -> list[str]:
-        seen = [o for i, o in enumerate(v) if o in v[:i]]
-        if seen:
-            raise ValueError(f"option {seen[0]!r} is listed twice; list each option once")
+        twice = _repeated(list(v))
+        if twice is not None:
+            raise ValueError(f"option {twice!r} is listed twice; list each option once")
         return v
 
     @field_validator("patient_id_format", "patient_name_format")
@@ -122,6 +128,7 @@ class Deidentify(_Section):
 
 class Input(_Section):
     on_success: Literal["delete", "move", "keep"] = "keep"
+    overrides: bool = True  # read per-drop anondrop.toml files (see README, "Per-drop overrides")
     max_zip_entries: Annotated[int, Field(ge=1)] = 100_000
     max_zip_bytes: Annotated[int, Field(ge=1)] = 64 * 1024**3
     max_zip_ratio: Annotated[float, Field(gt=1)] = 200.0
@@ -157,6 +164,130 @@ class Completion(_Section):
     def _wait_after_settle(self) -> Completion:
         if self.max_wait_seconds < self.settle_seconds:
             raise ValueError("max_wait_seconds must not be shorter than settle_seconds")
+        return self
+
+
+# -- naming, routes, crosswalk ----------------------------------------------------------------------------
+class FolderRule(_Section):
+    """What one level of a series' source folder path becomes in the output (level 1 = the first folder
+    below the inbox, or below the route's folder)."""
+
+    level: Annotated[int, Field(ge=1, le=64)]
+    action: Literal["keep", "pseudonym", "regex", "drop"]
+    pattern: str | None = None
+    replace: str = ""
+
+    @model_validator(mode="after")
+    def _regex(self) -> FolderRule:
+        if self.action == "regex":
+            if not self.pattern:
+                raise ValueError("action = 'regex' needs pattern (and replace, '' by default)")
+            try:
+                re.compile(self.pattern).sub(self.replace, "")
+            except (re.error, IndexError) as exc:
+                raise ValueError(f"the pattern or its replacement is not a valid regular expression: {exc}") from None
+        elif self.pattern is not None:
+            raise ValueError("pattern is used only with action = 'regex'")
+        return self
+
+
+class Naming(_Section):
+    preserve_folders: bool = False
+    path: Annotated[str, Field(min_length=1)] = DEFAULT_PATH_TEMPLATE
+    entry: Annotated[str, Field(min_length=1)] = DEFAULT_ENTRY_TEMPLATE
+    folders: list[FolderRule] = Field(default_factory=list)
+
+    @field_validator("folders")
+    @classmethod
+    def _one_rule_per_level(cls, v: list[FolderRule]) -> list[FolderRule]:
+        twice = _repeated([r.level for r in v])
+        if twice is not None:
+            raise ValueError(f"level {twice} has two rules; give each level one rule")
+        return v
+
+    @model_validator(mode="after")
+    def _templates(self) -> Naming:
+        from anondrop.naming import TemplateError, check_templates
+
+        try:
+            check_templates(self)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class RouteDeidentify(_Section):
+    """A route's own policy: keys given here replace [deidentify]'s (rules are merged, the route's winning)."""
+
+    profile: Literal["basic"] | None = None
+    options: list[Option] | None = None
+    burned_in_suspect: Literal["quarantine", "deliver"] | None = None
+    rules: dict[str, Action] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _no_repeats(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else Deidentify._no_repeats(v)
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        return Deidentify._rule_keys(v)
+
+
+MatchValue = str | list[str]
+
+
+class Route(_Section):
+    name: Annotated[str, Field(pattern=_DEST_NAME_RE)]
+    folder: str | None = None  # an inbox subfolder, e.g. "projectA" or "site1/projectA"
+    match: dict[str, MatchValue] = Field(default_factory=dict)  # DICOM keyword -> glob pattern(s)
+    destinations: list[str] | None = None  # names of [[destinations]]; unset: all of them
+    deidentify: RouteDeidentify | None = None
+    naming: Naming | None = None
+    allow_folder_identifiers: bool = False
+
+    @field_validator("folder")
+    @classmethod
+    def _folder(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip("/")
+        parts = v.split("/")
+        if not v or any(p in ("", ".", "..") for p in parts):
+            raise ValueError("give a folder below the inbox, like 'projectA' or 'site1/projectA'")
+        return v
+
+    @field_validator("match")
+    @classmethod
+    def _match_keys(cls, v: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        for key, value in v.items():
+            tag = tag_for_keyword(key)
+            if tag is None:
+                raise ValueError(f"{key!r} is not a DICOM keyword (e.g. Modality, StationName, SOPClassUID)")
+            if dictionary_VR(tag) in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+                raise ValueError(f"{key} is not a text attribute; routes match text values only")
+            if isinstance(value, list) and not value:
+                raise ValueError(f"match.{key}: give at least one pattern")
+        return v
+
+
+class Crosswalk(_Section):
+    enabled: bool = False
+    key_file: Path | None = None  # 32 random bytes (or more), kept outside paths.state
+    key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+
+    @model_validator(mode="after")
+    def _key(self) -> Crosswalk:
+        if self.key_file is not None and self.key_env is not None:
+            raise ValueError("give the crosswalk key either by key_file or by key_env, not both")
+        if self.enabled and self.key_file is None and self.key_env is None:
+            raise ValueError(
+                "enabled = true needs a key: key_file (e.g. head -c 32 /dev/urandom > FILE; chmod 600 FILE) "
+                "or key_env, outside the state folder"
+            )
         return self
 
 
@@ -314,6 +445,9 @@ class Config(_Section):
     watch: Watch = Field(default_factory=Watch)
     completion: Completion = Field(default_factory=Completion)
     destinations: list[Destination] = Field(default_factory=list)
+    naming: Naming = Field(default_factory=Naming)
+    routes: list[Route] = Field(default_factory=list)
+    crosswalk: Crosswalk = Field(default_factory=Crosswalk)
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -325,13 +459,41 @@ class Config(_Section):
     @field_validator("destinations")
     @classmethod
     def _unique_names(cls, v: list[_Destination]) -> list[_Destination]:
-        names = [d.name for d in v]
-        twice = [n for i, n in enumerate(names) if n in names[:i]]
-        if twice:
-            raise ValueError(f"destination name {twice[0]!r} is used twice; give each destination its own name")
+        twice = _repeated([d.name for d in v])
+        if twice is not None:
+            raise ValueError(f"destination name {twice!r} is used twice; give each destination its own name")
         if sum(isinstance(d, OutboxDestination) for d in v) > 1:
             raise ValueError("list the outbox as a destination at most once")
         return v
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_routes(cls, v: list[Route]) -> list[Route]:
+        twice = _repeated([r.name for r in v])
+        if twice is not None:
+            raise ValueError(f"route name {twice!r} is used twice; give each route its own name")
+        for route in v[:-1]:
+            if route.folder is None and not route.match:
+                raise ValueError(
+                    f"route {route.name!r} matches everything, so the routes after it would never be used: "
+                    "put the catch-all route last"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _route_references(self) -> Config:
+        known = {d.name for d in self.destinations}
+        for route in self.routes:
+            for name in route.destinations or []:
+                if name not in known:
+                    raise ValueError(
+                        f"route {route.name!r} names destination {name!r}, which no [[destinations]] entry has"
+                        + (" (without [[destinations]], every series goes to the outbox)" if not known else "")
+                    )
+        from anondrop.routes import check_route_naming
+
+        check_route_naming(self)
+        return self
 
 
 def _known_options() -> None:
@@ -415,11 +577,14 @@ def _resolve(cfg: Config, base: Path) -> Config:
         update={k: r(getattr(cfg.paths, k)) for k in ("inbox", "outbox", "quarantine", "state", "done")}
     )
     deid = cfg.deidentify.model_copy(update={"key_file": r(cfg.deidentify.key_file)})
+    crosswalk = cfg.crosswalk.model_copy(update={"key_file": r(cfg.crosswalk.key_file)})
     dests = [
         d.model_copy(update={k: r(getattr(d, k)) for k in _PATH_KEYS if isinstance(getattr(d, k, None), Path)})
         for d in cfg.destinations
     ]
-    return cfg.model_copy(update={"paths": paths, "deidentify": deid, "destinations": dests})
+    return cfg.model_copy(
+        update={"paths": paths, "deidentify": deid, "destinations": dests, "crosswalk": crosswalk}
+    )
 
 
 _PATH_KEYS = ("ca_file", "cert_file", "key_file", "secret_file", "known_hosts")
@@ -446,8 +611,26 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"{src}: paths.{key}: cannot create {folder}: {exc.strerror}") from None
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"{src}: paths.{key}: {folder} is not writable by this user")
+    _check_crosswalk_key(cfg)
     if cfg.deidentify.key_file is not None and not cfg.deidentify.key_file.is_file():
         raise ConfigError(
             f"{src}: deidentify.key_file: {cfg.deidentify.key_file} does not exist; create it "
             "(e.g. head -c 32 /dev/urandom > FILE; chmod 600 FILE) or remove the key to use state/site.key"
+        )
+
+
+def _check_crosswalk_key(cfg: Config) -> None:
+    cw, src = cfg.crosswalk, cfg.source or Path("config")
+    if not cw.enabled or cw.key_file is None:
+        return
+    state = cfg.paths.state.resolve()
+    if cw.key_file.resolve() == state or state in cw.key_file.resolve().parents:
+        raise ConfigError(
+            f"{src}: crosswalk.key_file: {cw.key_file} is inside paths.state; the state folder must reveal "
+            "nothing without the key, so keep the key elsewhere (e.g. /etc/anondrop/crosswalk.key)"
+        )
+    if not cw.key_file.is_file():
+        raise ConfigError(
+            f"{src}: crosswalk.key_file: {cw.key_file} does not exist; create it "
+            "(head -c 32 /dev/urandom > FILE; chmod 600 FILE) and keep a copy: without it the crosswalk is lost"
         )

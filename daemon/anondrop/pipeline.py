@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import zipfile
@@ -25,21 +24,26 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydicom import dcmread
+from pydicom.tag import BaseTag
 
-from anondrop import __version__
+from anondrop import __version__, crosswalk
 from anondrop.config import Config
+from anondrop.crosswalk import Crosswalk, Pair
 from anondrop.deid import engine
 from anondrop.deid.gate import GateHit, Identifiers, scan_bytes, scan_dataset, scan_names
-from anondrop.deid.policy import Policy, build_policy
+from anondrop.deid.policy import Policy
 from anondrop.deid.pseudonyms import Keys
 from anondrop.ingest import containers
-from anondrop.ingest.scan import BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
+from anondrop.ingest import overrides as overrides_mod
+from anondrop.ingest.scan import OVERRIDE_NAME, BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
 from anondrop.journal import Journal
+from anondrop.naming import Namer, as_path, folder_levels, unique_entry
 from anondrop.package import SeriesZip, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
+from anondrop.routes import Lane, RouteTable, build_routes
 from anondrop.sitekey import load_or_create
 
 log = logging.getLogger("anondrop")
@@ -52,19 +56,18 @@ SERIES_GATED = "series_stopped_by_gate"
 
 _BATCH_FILES = 16
 _BATCH_BYTES = 8 * 1024 * 1024
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # -- worker side ------------------------------------------------------------------------------------------
-_worker_state: tuple[Policy, Keys] | None = None
+_worker_state: tuple[dict[str, Policy], Keys] | None = None
 
 
-def _init_worker(policy: Policy, keys: Keys) -> None:
+def _init_worker(policies: dict[str, Policy], keys: Keys) -> None:
     from anondrop.logs import quiet_pydicom
 
     quiet_pydicom()  # worker stderr is the daemon's log
     global _worker_state
-    _worker_state = (policy, keys)
+    _worker_state = (policies, keys)
 
 
 # Above this size the pixel data travels back from a worker as a reference into the source file, not bytes.
@@ -88,6 +91,7 @@ class Packed:
     hits: list[GateHit]
     identifiers: Identifiers
     header: bytes
+    source: tuple[str, str, str]  # original (PatientID, issuer, AccessionNumber): for the crosswalk only
 
 
 @dataclass
@@ -113,17 +117,24 @@ def _pack(res: engine.Result) -> Packed:
         res.hits,
         res.identifiers,
         res.header,
+        res.source,
     )
 
 
-def _process_batch(batch: list[tuple[int, str]]) -> list[FileOutcome]:
+Job = tuple[str, dict[int, tuple[str, str]], list[tuple[int, str]]]  # (route, overrides, [(index, path)])
+
+
+def _process_batch(job: Job) -> list[FileOutcome]:
     assert _worker_state is not None
-    policy, keys = _worker_state
+    policies, keys = _worker_state
+    route, overrides, batch = job
+    policy = policies[route]
     out = []
     for index, path in batch:
         try:
             data = Path(path).read_bytes()
-            out.append(FileOutcome(index, _pack(engine.deidentify_bytes(data, policy, keys))))
+            res = engine.deidentify_bytes(data, policy, keys, overrides=overrides or None)
+            out.append(FileOutcome(index, _pack(res)))
         except engine.DeidError as exc:
             out.append(FileOutcome(index, None, exc.code, exc.message))
         except OSError as exc:
@@ -133,8 +144,9 @@ def _process_batch(batch: list[tuple[int, str]]) -> list[FileOutcome]:
     return out
 
 
-def _info_batch(batch: list[tuple[str, str, str | None]]) -> list[FileInfo | BadFile]:
-    return [read_info(Path(p), rel, Path(c) if c else None) for p, rel, c in batch]
+def _info_batch(job: tuple[tuple[int, ...], list[tuple[str, str, str | None]]]) -> list[FileInfo | BadFile]:
+    extra, batch = job
+    return [read_info(Path(p), rel, Path(c) if c else None, extra) for p, rel, c in batch]
 
 
 def _stream(path: Path, parts: list[bytes | tuple[int, int]]) -> Iterator[bytes]:
@@ -163,17 +175,17 @@ def _stream(path: Path, parts: list[bytes | tuple[int, int]]) -> Iterator[bytes]
 class Workers:
     """In-process for one worker; otherwise a process pool, fed a bounded window of batches (flat memory)."""
 
-    def __init__(self, count: int, policy: Policy, keys: Keys) -> None:
+    def __init__(self, count: int, policies: dict[str, Policy], keys: Keys) -> None:
         self.count = count
         self.pool: ProcessPoolExecutor | None = None
         if count > 1:
             self.pool = ProcessPoolExecutor(
-                count, mp_context=get_context("forkserver"), initializer=_init_worker, initargs=(policy, keys)
+                count, mp_context=get_context("forkserver"), initializer=_init_worker, initargs=(policies, keys)
             )
         else:
-            _init_worker(policy, keys)
+            _init_worker(policies, keys)
 
-    def map(self, batches: Iterable[list[tuple[int, str]]]) -> Iterator[FileOutcome]:
+    def map(self, batches: Iterable[Job]) -> Iterator[FileOutcome]:
         if self.pool is None:
             for batch in batches:
                 yield from _process_batch(batch)
@@ -186,10 +198,12 @@ class Workers:
         while window:
             yield from window.popleft().result()
 
-    def read_infos(self, items: list[tuple[Path, str, Path | None]]) -> list[FileInfo | BadFile]:
-        """Read the grouping attributes of many files, on every core."""
+    def read_infos(
+        self, items: list[tuple[Path, str, Path | None]], extra: tuple[int, ...] = ()
+    ) -> list[FileInfo | BadFile]:
+        """Read the grouping attributes (and those routes match on) of many files, on every core."""
         jobs = [(str(p), rel, str(c) if c else None) for p, rel, c in items]
-        batches = [jobs[i : i + 64] for i in range(0, len(jobs), 64)]
+        batches = [(extra, jobs[i : i + 64]) for i in range(0, len(jobs), 64)]
         if self.pool is None:
             return [info for b in batches for info in _info_batch(b)]
         return [info for result in self.pool.map(_info_batch, batches) for info in result]
@@ -199,17 +213,17 @@ class Workers:
             self.pool.shutdown(cancel_futures=True)
 
 
-def _batches(files: list[FileInfo]) -> Iterator[list[tuple[int, str]]]:
+def _batches(files: list[FileInfo], route: str, overrides: dict[int, tuple[str, str]]) -> Iterator[Job]:
     batch: list[tuple[int, str]] = []
     size = 0
     for i, f in enumerate(files):
         batch.append((i, str(f.path)))
         size += f.size
         if len(batch) >= _BATCH_FILES or size >= _BATCH_BYTES:
-            yield batch
+            yield route, overrides, batch
             batch, size = [], 0
     if batch:
-        yield batch
+        yield route, overrides, batch
 
 
 # -- run summary ------------------------------------------------------------------------------------------
@@ -237,13 +251,15 @@ class Cancelled(Exception):
 @dataclass
 class Context:
     cfg: Config
-    policy: Policy
+    routes: RouteTable
     keys: Keys
     journal: Journal | None
     outbox: Path
+    base: Path  # what source paths (FileInfo.rel) are relative to: the inbox, or `anonymize`'s folder
     dispose: bool = True  # False for `anonymize`: sources are never touched
     progress: Callable[[int], None] | None = None
     cancel: threading.Event | None = None
+    crosswalk: Crosswalk | None = None
 
 
 def make_keys(cfg: Config) -> Keys:
@@ -257,9 +273,13 @@ def make_keys(cfg: Config) -> Keys:
     )
 
 
-def make_policy(cfg: Config) -> Policy:
-    d = cfg.deidentify
-    return build_policy(d.options, d.rules, d.burned_in_suspect)
+def make_routes(cfg: Config) -> RouteTable:
+    return build_routes(cfg)
+
+
+def open_crosswalk(cfg: Config) -> Crosswalk | None:
+    cw = cfg.crosswalk
+    return crosswalk.open_from_config(cfg.paths.state, cw.key_file, cw.key_env) if cw.enabled else None
 
 
 # -- inventory --------------------------------------------------------------------------------------------
@@ -287,10 +307,14 @@ def take_inventory(
                 except containers.ContainerRejected as exc:
                     inv.rejected_containers.append(BadFile(path, rel, "zip-rejected", exc.reason))
                     continue
+                members = [m for m in members if m.name != OVERRIDE_NAME]  # read with its series instead
                 todo += [(m, f"{rel}!{m.relative_to(dest)}", path) for m in members]
                 continue
             todo.append((path, rel, None))
-    infos = workers.read_infos(todo) if workers is not None else [read_info(*item) for item in todo]
+    extra = build_routes(cfg).match_tags
+    infos = (
+        workers.read_infos(todo, extra) if workers is not None else [read_info(*item, extra) for item in todo]
+    )
     for item in infos:
         _place(inv, item)
     return inv
@@ -317,42 +341,96 @@ def _order(files: list[FileInfo]) -> list[FileInfo]:
     return sorted(files, key=lambda f: (f.instance_number is None, f.instance_number or 0, f.sop_uid, f.rel))
 
 
-def _safe(text: str, fallback: str) -> str:
-    text = _SAFE_NAME.sub("_", text.strip())[:64].strip("._")
-    return text or fallback
-
-
-def output_path(outbox: Path, report: engine.Report) -> Path:
-    """Names from de-identified values only: pseudonymous patient, new study UID, modality, number, new UID."""
-    name = f"{_safe(report.modality, 'OT')}_{_safe(report.series_number, '0')}_{_safe(report.series_uid, 'series')}"
-    return outbox / _safe(report.patient_id, "patient") / _safe(report.study_uid, "study") / f"{name}.zip"
-
-
 @dataclass
 class SeriesOutcome:
     state: str  # delivered | quarantined | gated | empty
     output: Path | None = None
     files_done: list[FileInfo] = field(default_factory=list)
     label: str = ""
+    patient: str = ""  # de-identified PatientID and Study Instance UID, for the journal
+    study: str = ""
+    destinations: tuple[str, ...] = ()  # the route's; () means the outbox alone
+    route: str = ""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a series goes and what it is called: its route, its folder below the route's, its overrides."""
+
+    lane: Lane
+    folder: tuple[str, ...]
+    overrides: overrides_mod.Overrides
+
+
+def _plan(ctx: Context, files: list[FileInfo]) -> _Plan:
+    lane, folder = ctx.routes.choose(files)
+    folder = folder[len(lane.folder) :]
+    found = overrides_mod.Overrides()
+    if ctx.cfg.input.overrides:
+        found = overrides_mod.collect(_override_folders(ctx, files, lane))
+    return _Plan(lane, folder, found)
+
+
+def _override_folders(ctx: Context, files: list[FileInfo], lane: Lane) -> list[Path]:
+    """Folders whose anondrop.toml applies to the series, nearest first (inside an inbox ZIP, then around it)."""
+    stop = ctx.base.joinpath(*lane.folder)
+    plain = [f.path.parent for f in files if f.container is None]
+    if plain:
+        return overrides_mod.chain(Path(os.path.commonpath(plain)), stop)
+    first = files[0]
+    assert first.container is not None
+    unpacked = ctx.cfg.paths.state / "unpacked"
+    inner = Path(os.path.commonpath([f.path.parent for f in files if f.container == first.container]))
+    root = next((p for p in (inner, *inner.parents) if p.parent == unpacked), inner)
+    return overrides_mod.chain(inner, root) + overrides_mod.chain(first.container.parent, stop)
+
+
+def _values(report: engine.Report, route: str, keys: Keys) -> dict[str, str]:
+    return {
+        **report.values,
+        "route": route,
+        "study_key": keys.name_key(report.study_uid),
+        "series_key": keys.name_key(report.series_uid),
+    }
 
 
 def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summary: Summary) -> SeriesOutcome:
     files = _order(files)
+    try:
+        plan = _plan(ctx, files)
+    except overrides_mod.OverrideError as exc:
+        label = ctx.keys.uid(files[0].series_uid) if files else "?"
+        _quarantine(ctx, files, QuarantineReason(exc.code, str(exc), label), summary)
+        return SeriesOutcome("quarantined", label=label)
+    lane = plan.lane
+    namer = lane.namer
     dupes: list[FileInfo] = []
     sizes: dict[str, int] = {}  # original SOP Instance UID -> size of the copy written
     cfg = ctx.cfg
     zipw: SeriesZip | None = None
     first: engine.Report | None = None
+    rel_out: PurePosixPath | None = None
+    folders: list[tuple[int, str]] = []
     ids = Identifiers()
     headers: list[tuple[bytes, Identifiers]] = []
     bad: list[tuple[FileInfo, str, str]] = []
     burned: str | None = None
     hits: list[GateHit] = []
     written: list[FileInfo] = []
+    sources: set[tuple[str, str, str]] = set()
     entry_names: list[str] = []
-    carried = _Carried.open(ctx, files)  # the previous version's entries, for a complete new version
+    taken: set[str] = set()
+    series_values: dict[str, str] = {}
+
+    def entry_name(values: dict[str, str]) -> str:
+        name = unique_entry(namer.entry({**series_values, **values}, len(entry_names) + 1, lane.name), taken)
+        taken.add(name)
+        entry_names.append(name)
+        return name
+
+    carried = _Carried.open(ctx, files, lane)  # the previous version's entries, for a complete new version
     try:
-        for outcome in workers.map(_batches(files)):
+        for outcome in workers.map(_batches(files, lane.name, plan.overrides.by_tag())):
             if ctx.cancel is not None and ctx.cancel.is_set():
                 raise Cancelled()
             f = files[outcome.index]
@@ -371,8 +449,12 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             headers.append((zlib.compress(res.header, 1), res.identifiers))
             if zipw is None:
                 first = res.report
+                if lane.naming.preserve_folders:
+                    folders = folder_levels(plan.folder, lane.naming.folders, first.patient_id)
+                series_values = _values(first, lane.name, ctx.keys)
+                rel_out = namer.zip_path(series_values, [n for _lvl, n in folders])
                 zipw = SeriesZip(
-                    unique_path(output_path(ctx.outbox, res.report)),
+                    unique_path(as_path(ctx.outbox, rel_out)),
                     compression=cfg.output.compression,
                     compresslevel=cfg.output.compresslevel,
                 )
@@ -391,16 +473,16 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                     )
                 continue
             sizes[f.sop_uid] = f.size
+            sources.add(res.source)
             if carried is not None:
-                entry_names += carried.copy_before(zipw, res.report.instance_number, len(entry_names))
-            name = f"IM{len(entry_names) + 1:05d}.dcm"
+                carried.copy_before(zipw, res.report.instance_number, entry_name)
+            name = entry_name(res.report.values)
             zipw.add_stream(name, _stream(f.path, res.parts), size=res.size, crc=res.crc, sha256=res.sha256)
-            entry_names.append(name)
             written.append(f)
         if carried is not None and zipw is not None and not burned and not hits:
-            entry_names += carried.copy_before(zipw, None, len(entry_names))
+            carried.copy_before(zipw, None, entry_name)
             hits.extend(carried.gate(ids))
-        if not burned and not hits and zipw is not None and first is not None:
+        if not burned and not hits and zipw is not None and first is not None and rel_out is not None:
             # Cross-check: an identifier of any file of the series, in any file's output.
             # Each worker already searched its file for the file's own identifiers; what is left is
             # the rest of the series' (other instances' UIDs, another file's dates).
@@ -408,11 +490,8 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 rest = ids.minus(own)
                 if rest:
                     hits.extend(scan_bytes(zlib.decompress(blob), rest, f"instance {i + 1}: "))
-            manifest = _manifest(ctx.policy, first, len(entry_names))
-            rel_out = zipw.final_path.relative_to(ctx.outbox)
-            named = [(f"output folder level {i + 1}", part) for i, part in enumerate(rel_out.parts)]
-            named += [(f"entry name {n}", n) for n in entry_names]
-            named.append(("manifest.json", json.dumps(manifest)))
+            manifest = _manifest(lane, first, len(entry_names))
+            named = _output_names(namer, series_values, lane, rel_out, folders, entry_names, manifest)
             hits.extend(scan_names(named, ids))
         label = first.series_uid if first else "?"
         if burned or hits or zipw is None or first is None:
@@ -439,7 +518,10 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 summary.gated.append((label, [str(h) for h in hits[:10]]))
                 return SeriesOutcome("gated", label=label)
             return SeriesOutcome("empty", label=label)
-        same = _identical_version(ctx.outbox, first, zipw.entry_digests())
+        if ctx.crosswalk is not None:
+            # Before the ZIP is in place: a series out in the world always has its pairs recorded.
+            ctx.crosswalk.record(_pairs(sources, files[0].study_uid, first))
+        same = _identical_version(ctx.outbox, rel_out, zipw.entry_digests()) if rel_out is not None else None
         if same is not None:
             # A crash between the rename of this very output and the journal write: it is there already,
             # complete and identical (de-identification is deterministic), so it is adopted, not repeated.
@@ -451,12 +533,53 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             zipw = None
         for f, code, message in bad:
             _quarantine(ctx, [f], QuarantineReason(code, message, first.series_uid), summary)
-        return SeriesOutcome("delivered", final, written + dupes, first.series_uid)
+        return SeriesOutcome(
+            "delivered", final, written + dupes, first.series_uid, patient=first.patient_id, study=first.study_uid,
+            destinations=lane.destinations, route=lane.name,
+        )
     finally:
         if zipw is not None:
             zipw.abort()
         if carried is not None:
             carried.close()
+
+
+def _output_names(
+    namer: Namer,
+    values: dict[str, str],
+    lane: Lane,
+    rel_out: PurePosixPath,
+    folders: list[tuple[int, str]],
+    entries: list[str],
+    manifest: dict[str, object],
+) -> list[tuple[str, str]]:
+    """Every name that goes out, labelled for the gate's report: path levels, entries, the manifest.
+
+    Names taken from source folders are checked on their own (labelled with their source level) and, when
+    the route allows identifiers in them, not at all; the rest of the path is then checked without them.
+    """
+    named: list[tuple[str, str]] = []
+    if folders and lane.allow_folder_identifiers:
+        rel_out = namer.zip_path(values, [])
+    elif folders:
+        named += [(f"source folder name kept from level {lvl}", name) for lvl, name in folders]
+    named += [(f"output folder level {i + 1}", part) for i, part in enumerate(rel_out.parts[:-1])]
+    named.append(("zip name", rel_out.parts[-1]))
+    named += [(f"entry name {n}", n) for n in entries]
+    named.append(("manifest.json", json.dumps(manifest)))
+    return named
+
+
+def _pairs(sources: set[tuple[str, str, str]], study: str, first: engine.Report) -> list[Pair]:
+    patient, new_study = first.patient_id, first.study_uid
+    pairs = [Pair("StudyInstanceUID", study, "", new_study, patient, new_study)]
+    for pid, issuer, accession in sorted(sources):
+        if pid:
+            pairs.append(Pair("PatientID", pid, issuer, patient, patient, new_study))
+        if accession:
+            pairs.append(Pair("AccessionNumber", accession, "", first.values.get("AccessionNumber", ""), patient,
+                              new_study))
+    return pairs
 
 
 class _Carried:
@@ -467,56 +590,60 @@ class _Carried:
     newly arrived copy of the same instance are left out.
     """
 
-    def __init__(self, zf: zipfile.ZipFile, entries: list[tuple[float, zipfile.ZipInfo]], sha: dict[str, str]):
+    def __init__(
+        self,
+        zf: zipfile.ZipFile,
+        entries: list[tuple[float, zipfile.ZipInfo, dict[str, str]]],
+        sha: dict[str, str],
+    ):
         self.zf = zf
         self.entries = entries
         self.sha = sha
         self.copied: list[str] = []
 
     @classmethod
-    def open(cls, ctx: Context, files: list[FileInfo]) -> _Carried | None:
+    def open(cls, ctx: Context, files: list[FileInfo], lane: Lane) -> _Carried | None:
         if ctx.journal is None or not files:
             return None
-        label = _deid_uid(ctx, files[0].series_uid)
+        label = _deid_uid(lane, ctx.keys, files[0].series_uid)
         row = ctx.journal.series(label)
         if row is None or row.state != "delivered" or not row.output:
             return None
         path = ctx.outbox / row.output
         if not path.is_file():
             return None
-        arriving = {_deid_uid(ctx, f.sop_uid) for f in files}
+        arriving = {_deid_uid(lane, ctx.keys, f.sop_uid) for f in files}
+        tags = [0x00080018, 0x00200013, *(tag for _kw, tag in lane.policy.report_tags)]
         zf = zipfile.ZipFile(path)
         try:
             manifest = json.loads(zf.read("manifest.json"))
             sha = {e["name"]: e["sha256"] for e in manifest.get("entries", [])}
             entries = []
             for info in zf.infolist():
-                if not info.filename.endswith(".dcm"):
+                if info.filename == "manifest.json":
                     continue
                 with zf.open(info) as fh:
-                    ds = dcmread(fh, stop_before_pixels=True, specific_tags=[0x00080018, 0x00200013])
+                    ds = dcmread(fh, stop_before_pixels=True, specific_tags=tags)
                 if str(ds.get("SOPInstanceUID", "")) in arriving:
                     continue
                 number = ds.get("InstanceNumber")
-                entries.append((float(number) if number not in (None, "") else float("inf"), info))
+                values = {kw: engine.plain_tag(ds, BaseTag(tag)) for kw, tag in lane.policy.report_tags}
+                entries.append((float(number) if number not in (None, "") else float("inf"), info, values))
         except Exception:
             zf.close()
             raise
         entries.sort(key=lambda e: e[0])
         return cls(zf, entries, sha)
 
-    def copy_before(self, zipw: SeriesZip, number: int | None, done: int) -> list[str]:
+    def copy_before(self, zipw: SeriesZip, number: int | None, entry_name: Callable[[dict[str, str]], str]) -> None:
         """Copy the carried entries that sort before instance `number` (all of them for None)."""
-        names: list[str] = []
         limit = float("inf") if number is None else float(number)
         while self.entries and (number is None or self.entries[0][0] <= limit):
-            _n, info = self.entries.pop(0)
-            name = f"IM{done + len(names) + 1:05d}.dcm"
+            _n, info, values = self.entries.pop(0)
+            name = entry_name(values)
             sha = self.sha.get(info.filename) or hashlib.sha256(self.zf.read(info)).hexdigest()
             zipw.add_stream(name, _zip_chunks(self.zf, info), size=info.file_size, crc=info.CRC, sha256=sha)
-            names.append(name)
             self.copied.append(info.filename)
-        return names
 
     def gate(self, ids: Identifiers) -> list[GateHit]:
         """The carried entries against the identifiers of the files that arrived now."""
@@ -537,13 +664,13 @@ def _zip_chunks(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
             yield chunk
 
 
-def _deid_uid(ctx: Context, uid: str) -> str:
-    return uid if ctx.policy.has("retain_uids") else ctx.keys.uid(uid)
+def _deid_uid(lane: Lane, keys: Keys, uid: str) -> str:
+    return uid if lane.policy.has("retain_uids") else keys.uid(uid)
 
 
-def _identical_version(outbox: Path, report: engine.Report, digests: list[str]) -> Path | None:
+def _identical_version(outbox: Path, rel_out: PurePosixPath, digests: list[str]) -> Path | None:
     """An existing version of this series' ZIP whose entries have exactly these SHA-256s, in order."""
-    base = output_path(outbox, report)
+    base = as_path(outbox, rel_out)
     candidates = sorted(base.parent.glob(f"{glob.escape(base.stem)}*.zip")) if base.parent.is_dir() else []
     for path in candidates:
         if path.name != base.name and not path.stem.removeprefix(base.stem).startswith("_v"):
@@ -563,13 +690,15 @@ def _rest(files: list[FileInfo], written: list[FileInfo], bad: list[tuple[FileIn
     return [f for f in files if id(f) not in done]
 
 
-def _manifest(policy: Policy, first: engine.Report, instances: int) -> dict[str, object]:
+def _manifest(lane: Lane, first: engine.Report, instances: int) -> dict[str, object]:
+    policy = lane.policy
     return {
         "format": "anondrop-series/1",
         "anondrop_version": __version__,
         "profile": "basic",
         "options": sorted(policy.options),
         "edition": policy.edition,
+        "route": lane.name,
         "patient_id": first.patient_id,
         "study_instance_uid": first.study_uid,
         "series_instance_uid": first.series_uid,
@@ -611,18 +740,49 @@ def dispose(cfg: Config, paths: Iterable[Path]) -> None:
     mode = cfg.input.on_success
     if mode == "keep":
         return
+    folders: set[Path] = set()
     for path in paths:
         if not path.exists():
             continue
-        if mode == "delete":
-            path.unlink()
-            continue
-        assert cfg.paths.done is not None
-        target = cfg.paths.done / _rel(path, cfg.paths.inbox)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            target = unique_path(target)
-        shutil.move(str(path), target)
+        folders.add(path.parent)
+        _dispose_one(cfg, path)
+    _dispose_leftovers(cfg, folders)
+
+
+def _dispose_one(cfg: Config, path: Path) -> None:
+    if cfg.input.on_success == "delete":
+        path.unlink()
+        return
+    assert cfg.paths.done is not None
+    target = cfg.paths.done / _rel(path, cfg.paths.inbox)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target = unique_path(target)
+    shutil.move(str(path), target)
+
+
+def _dispose_leftovers(cfg: Config, folders: set[Path]) -> None:
+    """Override files and completion markers go with the last source of their folder (and of the folders
+    below it): left alone they would keep the folder, whose name may name the patient, in the inbox."""
+    inbox = cfg.paths.inbox.resolve()
+    names = {OVERRIDE_NAME, *cfg.completion.markers}
+    done: set[Path] = set()
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):
+        folder = folder.resolve()
+        while folder not in done and inbox in folder.parents:
+            done.add(folder)
+            try:
+                entries = list(folder.iterdir())
+            except OSError:
+                break
+            if any(e.is_dir() or e.name not in names for e in entries):
+                break
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    _dispose_one(cfg, entry)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            folder = folder.parent
 
 
 def prune_empty_dirs(root: Path) -> None:

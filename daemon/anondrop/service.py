@@ -36,7 +36,7 @@ from anondrop.config import Config
 from anondrop.deliver.courier import Courier
 from anondrop.ingest import containers
 from anondrop.ingest.completion import Rules, SeriesState, Tracker
-from anondrop.ingest.scan import FileInfo, is_ignored, read_info, unpack_dir
+from anondrop.ingest.scan import OVERRIDE_NAME, FileInfo, is_ignored, read_info, unpack_dir
 from anondrop.ingest.watch import choose_mode, mode_of, start_observer
 from anondrop.journal import Journal
 from anondrop.notify import notify, watchdog_interval
@@ -49,7 +49,8 @@ from anondrop.pipeline import (
     Workers,
     _quarantine,
     make_keys,
-    make_policy,
+    make_routes,
+    open_crosswalk,
     process_series,
     prune_empty_dirs,
 )
@@ -100,11 +101,15 @@ class Service:
             Rules(cfg.watch.stable_seconds, cfg.completion.settle_seconds, cfg.completion.max_wait_seconds)
         )
         self.journal = Journal(cfg.paths.state / "journal.sqlite")
-        self.policy, self.keys = make_policy(cfg), make_keys(cfg)
-        self.workers = Workers(cfg.processing.worker_count(), self.policy, self.keys)
+        self.routes, self.keys = make_routes(cfg), make_keys(cfg)
+        self.match_tags = self.routes.match_tags
+        self.crosswalk = open_crosswalk(cfg)
+        self.workers = Workers(cfg.processing.worker_count(), self.routes.policies, self.keys)
         self.series_pool = ThreadPoolExecutor(cfg.processing.worker_count(), thread_name_prefix="series")
         self.io_pool = ThreadPoolExecutor(1, thread_name_prefix="unpack")
-        self.ctx = Context(cfg, self.policy, self.keys, self.journal, cfg.paths.outbox)
+        self.ctx = Context(
+            cfg, self.routes, self.keys, self.journal, cfg.paths.outbox, cfg.paths.inbox, crosswalk=self.crosswalk
+        )
         self.ctx.cancel = self.stopping
         # Uploads run on their own threads, one lane per destination: a destination that is down holds up
         # neither the others nor the processing of new series.
@@ -117,6 +122,8 @@ class Service:
         self.io_pool.shutdown(wait=wait, cancel_futures=True)
         self.workers.close()
         self.journal.close()
+        if self.crosswalk is not None:
+            self.crosswalk.close()
 
     def _reload(self) -> None:
         self.reload.clear()
@@ -252,11 +259,16 @@ class Service:
             return
         if any(part.startswith(".") for part in path.relative_to(inbox).parts[:-1]):
             return
-        if path.name in self.cfg.completion.markers:
+        news = (
+            self.tracker.override if path.name == OVERRIDE_NAME
+            else self.tracker.marker if path.name in self.cfg.completion.markers
+            else None
+        )
+        if news is not None:  # not DICOM: a file whose appearance or change is itself the news
             try:
-                self.tracker.marker(path, path.stat().st_mtime_ns, now)
+                news(path, path.stat().st_mtime_ns, now)
             except FileNotFoundError:
-                self.tracker.marker(path, None, now)
+                news(path, None, now)
             except OSError:
                 pass
             return
@@ -319,7 +331,7 @@ class Service:
             # The same journal key as `anondrop once` uses: the member's path inside the ZIP, not just its
             # name (S1/IM1.dcm and S2/IM1.dcm are two files).
             rel = f"{container.relative_to(inbox)}!{member or path.name}"
-        item = read_info(path, rel, container)
+        item = read_info(path, rel, container, self.match_tags)
         if isinstance(item, FileInfo):
             # Delivered by an earlier run (on_success = keep): it joins its series without starting it, so a
             # late file still makes a complete new version.
@@ -371,6 +383,7 @@ class Service:
                 log.error("zip_unreadable: %s; it is tried again at the next rescan", exc.strerror)
                 self.tracker.vanished(zip_path, now)
                 continue
+            members = [m for m in members if m.name != OVERRIDE_NAME]  # read with its series instead
             self.containers[zip_path] = members
             for member in members:
                 st = member.stat()

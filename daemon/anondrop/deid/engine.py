@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 
@@ -133,7 +133,7 @@ def _kw_tag(keyword: str) -> BaseTag:
 _TAGS = {kw: _kw_tag(kw) for kw in (
     "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
     "SOPInstanceUID", "SOPClassUID", "BurnedInAnnotation", "Modality", "InstanceNumber", "SeriesNumber",
-    "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated",
+    "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "AccessionNumber",
 )}
 
 
@@ -142,15 +142,22 @@ def plain(ds: Dataset, keyword: str) -> str:
 
     For identity keys, UIDs and codes (ASCII in practice); a decoded element gives str() of its value.
     """
-    elem = ds._dict.get(_TAGS[keyword])
+    return plain_tag(ds, _TAGS[keyword])
+
+
+def plain_tag(ds: Dataset, tag: BaseTag) -> str:
+    elem = ds._dict.get(tag)
     if elem is None:
         return ""
     if isinstance(elem, RawDataElement):
         if elem.value is None:
-            value = ds[_TAGS[keyword]].value
+            value = ds[tag].value
             return "" if value is None else str(value).strip(" \0")
         return elem.value.decode("latin-1").strip(" \0")
-    return "" if elem.value is None else str(elem.value).strip(" \0")
+    value = elem.value
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value).strip(" \0")
 
 
 def _unsigned(ds: Dataset, keyword: str, default: int) -> int:
@@ -202,6 +209,7 @@ class Report:
     instance_number: int | None = None
     burned_in: str | None = None
     counts: Counter[str] = field(default_factory=Counter)
+    values: dict[str, str] = field(default_factory=dict)  # output values the naming templates use
 
 
 @dataclass
@@ -216,6 +224,9 @@ class Result:
     pixel_in: tuple[int, int] | None = None
     pixel_out: tuple[int, int] | None = None
     identifiers: Identifiers = field(default_factory=Identifiers)  # those the gate searched for
+    # (PatientID, IssuerOfPatientID, AccessionNumber) of the input, for the re-identification crosswalk only:
+    # never logged, never written anywhere but the encrypted crosswalk.
+    source: tuple[str, str, str] = ("", "", "")
 
 
 def patient_identity(ds: Dataset) -> tuple[str, str]:
@@ -521,7 +532,7 @@ def _mark(ds: Dataset, policy: Policy, shared: bool) -> None:
         ds._dict[BaseTag(tag)] = elem if shared else copy.deepcopy(elem)
 
 
-def _report(ds: Dataset, counts: Counter[str], burned: str | None) -> Report:
+def _report(ds: Dataset, counts: Counter[str], burned: str | None, policy: Policy) -> Report:
     number = plain(ds, "InstanceNumber")
     try:
         inst = int(number) if number else None
@@ -538,6 +549,7 @@ def _report(ds: Dataset, counts: Counter[str], burned: str | None) -> Report:
         instance_number=inst,
         burned_in=burned,
         counts=counts,
+        values={kw: plain_tag(ds, BaseTag(tag)) for kw, tag in policy.report_tags},
     )
 
 
@@ -556,24 +568,33 @@ def _new_meta(old: FileMetaDataset | None, ds: Dataset, ts: str) -> FileMetaData
     return meta
 
 
+Overrides = Mapping[int, tuple[str, str]]  # tag -> (VR, value): a drop's own values (anondrop.toml)
+
+
 def _apply(
-    ds: Dataset, policy: Policy, keys: Keys, ids: Identifiers, fill: Callable[..., None], shared: bool = False
+    ds: Dataset, policy: Policy, keys: Keys, ids: Identifiers, fill: Callable[..., None], shared: bool = False,
+    overrides: Overrides | None = None,
 ) -> Report:
     _check_uids(ds)
     burned = burned_in_verdict(ds, policy)
     walker = _Walker(policy, keys, ids, patient_identity(ds), fill)
     walker.dataset(ds, mode=SCRUB, top=True)
+    for tag, (vr, value) in (overrides or {}).items():
+        # Set after the profile: the value the drop asked for goes out as given (the gate still checks it).
+        ds._dict[BaseTag(tag)] = DataElement(tag, vr, value)
+        walker.counts["overridden"] += 1
     _mark(ds, policy, shared)
-    return _report(ds, walker.counts, burned)
+    return _report(ds, walker.counts, burned, policy)
 
 
 def deidentify(
-    ds: Dataset, policy: Policy, keys: Keys, identifiers: Identifiers | None = None
+    ds: Dataset, policy: Policy, keys: Keys, identifiers: Identifiers | None = None,
+    overrides: Overrides | None = None,
 ) -> tuple[Dataset, Report]:
     """De-identify a copy of ds (file meta included); the input is left untouched."""
     out = copy.deepcopy(ds)
     ids = identifiers if identifiers is not None else collect_identifiers(ds, policy)
-    report = _apply(out, policy, keys, ids, _no_fill, shared=False)
+    report = _apply(out, policy, keys, ids, _no_fill, shared=False, overrides=overrides)
     old_meta = getattr(ds, "file_meta", None)
     ts = str(getattr(old_meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
     out.file_meta = _new_meta(old_meta, out, ts)
@@ -604,7 +625,8 @@ def read_header(data: bytes) -> Dataset:
 
 
 def deidentify_bytes(
-    data: bytes, policy: Policy, keys: Keys, identifiers: Identifiers | None = None
+    data: bytes, policy: Policy, keys: Keys, identifiers: Identifiers | None = None,
+    overrides: Overrides | None = None,
 ) -> Result:
     """De-identify one Part 10 file given as bytes; gate the output; return the output bytes.
 
@@ -637,7 +659,8 @@ def deidentify_bytes(
 
     ids = identifiers if identifiers is not None else collect_identifiers_raw(ds, policy, fill)
     original = {int(t): raw_item(ds, t) for t in ds.keys()}
-    report = _apply(ds, policy, keys, ids, fill, shared=True)
+    source = (plain(ds, "PatientID"), plain(ds, "IssuerOfPatientID"), plain(ds, "AccessionNumber"))
+    report = _apply(ds, policy, keys, ids, fill, shared=True, overrides=overrides)
 
     if ts in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian) or not little:
         # Rare encodings: let pydicom write the whole file (values are filled in first).
@@ -648,7 +671,7 @@ def deidentify_bytes(
         dcmwrite(buf, ds, enforce_file_format=True)
         out = buf.getvalue()
         hits = scan_bytes(out, ids, "")
-        return Result(out, report, hits, pixel_bytes=0, header=out, identifiers=ids)
+        return Result(out, report, hits, pixel_bytes=0, header=out, identifiers=ids, source=source)
 
     head = _meta_bytes(meta, ds, ts)
     if head is None:  # unusual meta elements to carry over: let pydicom encode the meta
@@ -660,7 +683,7 @@ def deidentify_bytes(
     gate_parts: list[bytes | memoryview] = [parts[0]]
     view = memoryview(data)
     encodings = ds._character_set
-    plain = _fast_charset(ds, True)
+    fast_text = _fast_charset(ds, True)
     mark_bytes = _mark_bytes(policy, implicit, encodings)
     pixel_bytes = 0
     pos = len(parts[0])
@@ -678,7 +701,7 @@ def deidentify_bytes(
             if isinstance(elem, RawDataElement) and elem.value is None:
                 fill(ds, t)
                 elem = ds._dict[tag]
-            fast = _encode_simple(elem, implicit) if plain and isinstance(elem, DataElement) else None
+            fast = _encode_simple(elem, implicit) if fast_text and isinstance(elem, DataElement) else None
             if fast is not None:
                 chunk = fast
             else:
@@ -700,7 +723,7 @@ def deidentify_bytes(
     hits = scan_bytes(header, ids, "")
     return Result(
         out, report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids, pixel_in=pixel_in,
-        pixel_out=pixel_out,
+        pixel_out=pixel_out, source=source,
     )
 
 

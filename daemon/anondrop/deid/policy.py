@@ -53,6 +53,8 @@ class Policy:
     repeating: tuple[tuple[int, int, str], ...] = ()
     site_rules: Mapping[int, str] = field(default_factory=dict)
     private_keep_safe: bool = False
+    # (keyword, tag) of output values each instance's report carries, for the naming templates.
+    report_tags: tuple[tuple[str, int], ...] = ()
 
     @property
     def edition(self) -> str:
@@ -127,6 +129,7 @@ def build_policy(
     options: Iterable[str] = (),
     rules: Mapping[str, str] | None = None,
     burned_in_suspect: str = "quarantine",
+    report_keywords: Iterable[str] = (),
 ) -> Policy:
     selected = frozenset(options)
     unknown = selected - set(OPTIONS)
@@ -152,6 +155,7 @@ def build_policy(
         repeating=repeating,
         site_rules=site,
         private_keep_safe=keep_safe,
+        report_tags=tuple((kw, parse_rule_key(kw)) for kw in sorted(set(report_keywords))),
     )
 
 

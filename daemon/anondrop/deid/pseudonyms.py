@@ -51,6 +51,11 @@ class Keys:
     def patient_name(self, patient_id: str, issuer: str = "") -> str:
         return self.patient_name_format.format(digest=self.patient_digest(patient_id, issuer))[:64]
 
+    def name_key(self, value: str) -> str:
+        """A short keyed digest for output names (study_key, series_key): safe whatever the UIDs are."""
+        raw = self._mac("name", value.strip("\0 "))
+        return base64.b32encode(raw).decode("ascii").rstrip("=")[: max(self.digest_length, 12)]
+
     def date_offset_days(self, patient_id: str, issuer: str = "") -> int:
         """Per-patient shift in days: every date of one patient moves by the same amount (intervals kept)."""
         lo, hi = self.date_shift_days

@@ -72,6 +72,7 @@ class Tracker:
         self.series: dict[tuple[str, str], SeriesState] = {}
         self.markers: dict[Path, float] = {}  # folder -> when a marker was observed to appear or change
         self._marker_mtimes: dict[Path, int] = {}  # marker file -> its mtime when last observed
+        self._override_mtimes: dict[Path, int] = {}  # override file -> its mtime when last observed
         # folder -> {Series Instance UID: SOP Instance UIDs} as the folder's DICOMDIR lists them
         self.dicomdir_uids: dict[Path, dict[str, set[str]]] = {}
         self._unparsed: dict[Path, None] = {}  # files not yet stable and parsed, oldest sighting first
@@ -171,6 +172,22 @@ class Tracker:
             return
         self._marker_mtimes[path] = mtime_ns
         self.markers[path.parent] = now
+
+    def override(self, path: Path, mtime_ns: int | None, now: float) -> None:
+        """An override file (anondrop.toml) was observed. Written or changed, it restarts the settle time of
+        the waiting series at and below its folder, so that an edit made while files arrive is read."""
+        if mtime_ns is None:
+            self._override_mtimes.pop(path, None)
+            return
+        if self._override_mtimes.get(path) == mtime_ns:
+            return
+        self._override_mtimes[path] = mtime_ns
+        folder = path.parent
+        for state in self.series.values():
+            if state.fresh and not state.in_flight and any(
+                f == folder or folder in f.parents for f in state.folders
+            ):
+                state.last_change = max(state.last_change, now)
 
     def dicomdir(self, folder: Path, listing: dict[str, set[str]]) -> None:
         self.dicomdir_uids[folder] = listing

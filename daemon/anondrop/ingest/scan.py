@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from anondrop.ingest.containers import JUNK_DIRS, JUNK_NAMES  # one list of OS junk for folders and ZIPs
@@ -44,6 +45,7 @@ class FileInfo:
     sop_uid: str
     instance_number: int | None
     container: Path | None = None  # the inbox ZIP this file was unpacked from
+    attrs: tuple[tuple[int, str], ...] = ()  # (tag, value) of the attributes routes match on
 
     @property
     def series_key(self) -> tuple[str, str]:
@@ -89,28 +91,43 @@ def walk(root: Path, patterns: list[str]) -> Iterator[Path]:
                     yield path
 
 
-def _past_grouping(tag: BaseTag, vr: str | None, length: int) -> bool:
+def _read_grouping(path: Path, force: bool, extra: tuple[int, ...] = ()) -> Dataset:
     # Elements are stored in tag order and the grouping UIDs all sit in groups 0008 and 0020: stop there
-    # instead of parsing the rest of the header (the de-identification pass reads it anyway).
-    return int(tag) > 0x00200013
+    # (or after the last attribute a route matches on) instead of parsing the rest of the header; the
+    # de-identification pass reads it anyway. The pixel data is never read.
+    last = min(max((0x00200013, *extra)), 0x7FE0000F)
 
+    def past(tag: BaseTag, vr: str | None, length: int) -> bool:
+        return int(tag) > last
 
-def _read_grouping(path: Path, force: bool) -> Dataset:
     with path.open("rb") as fh:
-        return read_partial(fh, stop_when=_past_grouping, force=force, specific_tags=list(_GROUPING_TAGS))
+        return read_partial(fh, stop_when=past, force=force, specific_tags=[*_GROUPING_TAGS, *extra])
 
 
-def read_info(path: Path, rel: str, container: Path | None = None) -> FileInfo | BadFile:
-    """Place one file: a FileInfo, or a BadFile with the quarantine reason."""
+def _attr(ds: Dataset, tag: int) -> str:
+    elem = ds.get(tag)
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip("\0 ")
+
+
+def read_info(path: Path, rel: str, container: Path | None = None, extra: tuple[int, ...] = ()) -> FileInfo | BadFile:
+    """Place one file: a FileInfo, or a BadFile with the quarantine reason.
+
+    `extra`: tags of attributes the routes match on, read into FileInfo.attrs.
+    """
     try:
         st = path.stat()
     except OSError as exc:
         return BadFile(path, rel, "unreadable", f"cannot read the file: {exc.strerror}", container)
     try:
-        ds = _read_grouping(path, force=False)
+        ds = _read_grouping(path, force=False, extra=extra)
     except InvalidDicomError:
         try:
-            ds = _read_grouping(path, force=True)
+            ds = _read_grouping(path, force=True, extra=extra)
         except Exception:
             return BadFile(path, rel, "not-dicom", "not a DICOM file (no 'DICM' preamble)", container)
         if "SOPInstanceUID" not in ds and "SeriesInstanceUID" not in ds:
@@ -145,6 +162,7 @@ def read_info(path: Path, rel: str, container: Path | None = None) -> FileInfo |
         sop_uid=uids["SOPInstanceUID"],
         instance_number=inst,
         container=container,
+        attrs=tuple((t, _attr(ds, t)) for t in extra),
     )
 
 
