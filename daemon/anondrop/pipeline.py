@@ -330,6 +330,8 @@ def _place(inv: Inventory, item: FileInfo | BadFile) -> None:
 
 
 def _rel(path: Path, base: Path) -> str:
+    if base in path.parents and not path.is_symlink():
+        return str(path.relative_to(base))  # the walk's own paths: no need to ask the filesystem
     try:
         return str(path.resolve().relative_to(base.resolve()))
     except ValueError:
