@@ -1,13 +1,15 @@
 """Real destination servers for the delivery tests, each started on free loopback ports in a temporary folder
 and stopped (and its folder left to tmp_path's cleanup) when its context ends.
 
-Orthanc (STOW-RS and C-STORE, checked through its REST API), dcmtk's storescp (a second C-STORE peer),
-SeaweedFS (S3) and OpenSSH's sshd (SFTP). Orthanc and storescp listen on every interface (neither has a bind
-option); the tests only ever talk to 127.0.0.1, and the ports are fresh for every start.
+Orthanc (STOW-RS and C-STORE, checked through its REST API), nginx (HTTPS and bearer tokens in front of
+Orthanc), dcmtk's storescp (a second C-STORE peer), SeaweedFS (S3) and OpenSSH's sshd (SFTP). Orthanc and
+storescp listen on every interface (neither has a bind option); the tests only ever talk to 127.0.0.1, and
+the ports are fresh for every start.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
 import io
@@ -249,6 +251,77 @@ def orthanc(root: Path, *, user: str = "anondrop", password: str = "orthanc-test
         wait_port(http_port, proc, 30, "Orthanc", root / "orthanc.log")
         wait_port(dicom_port, proc, 30, "Orthanc's DICOM server", root / "orthanc.log")
         yield Orthanc(http_port, dicom_port, "ORTHANCTEST", user, password, proc)
+
+
+# -- nginx in front of Orthanc: DICOMweb over HTTPS, and bearer tokens -------------------------------------
+@dataclass
+class TlsProxy:
+    """nginx terminating TLS for an Orthanc (whose own HTTPS crashes in Debian's 1.10), on a free port.
+
+    `/dicom-web` is open; `/bearer/dicom-web` answers 401 unless the request carries `Bearer <token>`. Both
+    pass Orthanc's own credentials on, so what arrives is checked through Orthanc's REST API as usual.
+    """
+
+    port: int
+    token: str
+    log: Path
+
+    @property
+    def dicomweb(self) -> str:
+        return f"https://{LOOPBACK}:{self.port}/dicom-web"
+
+    @property
+    def bearer_dicomweb(self) -> str:
+        return f"https://{LOOPBACK}:{self.port}/bearer/dicom-web"
+
+
+@contextlib.contextmanager
+def tls_proxy(root: Path, upstream: Orthanc, pki: Pki, *, token: str) -> Iterator[TlsProxy]:
+    exe = system_tool("nginx")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    basic = base64.b64encode(f"{upstream.user}:{upstream.password}".encode()).decode("ascii")
+    backend = f"http://{LOOPBACK}:{upstream.http_port}/dicom-web/"
+    # As root, nginx would run its worker as `nobody`, which cannot enter the test's private tmp folder.
+    user = "user root;" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"    {kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                         "uwsgi", "scgi"))
+    conf = root / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        {user}
+        worker_processes 1;
+        pid {root / 'nginx.pid'};
+        error_log {root / 'error.log'} info;
+        events {{ worker_connections 64; }}
+        http {{
+            access_log {root / 'access.log'};
+        """) + temp + textwrap.dedent(f"""
+            client_max_body_size 0;
+            proxy_request_buffering off;
+            proxy_http_version 1.1;
+            server {{
+                listen {LOOPBACK}:{port} ssl;
+                ssl_certificate {pki.cert};
+                ssl_certificate_key {pki.key};
+                location /dicom-web/ {{
+                    proxy_pass {backend};
+                    proxy_set_header Authorization "Basic {basic}";
+                }}
+                location /bearer/dicom-web/ {{
+                    if ($http_authorization != "Bearer {token}") {{
+                        return 401;
+                    }}
+                    proxy_pass {backend};
+                    proxy_set_header Authorization "Basic {basic}";
+                }}
+            }}
+        }}
+        """), encoding="utf-8")
+    # -p and -e keep every path nginx opens inside root, so it needs no root-owned folders.
+    cmd = [exe, "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf), "-g", "daemon off;"]
+    with _process(cmd, root / "nginx.out") as proc:
+        wait_port(port, proc, 15, "nginx", root / "error.log")
+        yield TlsProxy(port, token, root / "error.log")
 
 
 # -- storescp ---------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from tests.deliver_servers import (
     LOOPBACK,
     PATIENT_ID,
     Orthanc,
+    Pki,
     StoreScp,
+    TlsProxy,
     assert_no_phi,
     drop,
     free_port,
@@ -35,6 +37,7 @@ from tests.deliver_servers import (
     status,
     stop,
     storescp,
+    tls_proxy,
     wait_for,
 )
 
@@ -288,3 +291,102 @@ def test_dicom_tls_with_a_private_ca_and_an_untrusted_certificate_is_refused(sit
         [dead] = status(site.config)["deliveries"]["dead_letters"]
         assert dead["destination"] == "untrusted" and "TLS handshake" in dead["error"], dead
         assert "CERTIFICATE_VERIFY_FAILED" in dead["error"], dead
+
+
+# -- DICOMweb over HTTPS (nginx terminating TLS in front of Orthanc) and bearer tokens ----------------------
+TOKEN = "bearer-test-token-5f1c9a"
+
+
+@pytest.fixture
+def https_orthanc(tmp_path: Path) -> Iterator[tuple[Orthanc, TlsProxy, Pki]]:
+    pki = make_pki(tmp_path / "pki")
+    with orthanc(tmp_path / "orthanc") as server, tls_proxy(tmp_path / "nginx", server, pki, token=TOKEN) as px:
+        yield server, px, pki
+
+
+def https_dicomweb(name: str, url: str, *, attempts: int = 2, keys: str = "") -> str:
+    return f"""
+[[destinations]]
+name = "{name}"
+kind = "dicomweb"
+url = "{url}"
+batch_size = 2
+{FAST.format(attempts=attempts, backoff=0.2)}{textwrap.dedent(keys)}"""
+
+
+def test_https_with_a_private_ca_is_refused_without_ca_file_and_delivers_with_it(
+    site: Site, tmp_path: Path, https_orthanc: tuple[Orthanc, TlsProxy, Pki]
+) -> None:
+    server, px, pki = https_orthanc
+    write_config(site, https_dicomweb("web", px.dicomweb))  # verify_tls defaults to true; no ca_file
+    sources = drop(make_series(tmp_path / "stage", 3), site.inbox)
+
+    code, text = once(site.config)
+
+    assert code == 3, text
+    [dead] = status(site.config)["deliveries"]["dead_letters"]
+    assert dead["destination"] == "web" and dead["attempts"] == 2, dead
+    for words in ("TLS handshake with 127.0.0.1", "CERTIFICATE_VERIFY_FAILED", "set ca_file"):
+        assert words in dead["error"], dead["error"]
+    assert "dead-lettered: web" in text
+    assert server.get("/instances") == [], "nothing may arrive over a connection that was not verified"
+    assert all(p.exists() for p in sources)
+
+    write_config(site, https_dicomweb("web", px.dicomweb, keys=f'ca_file = "{pki.ca}"\n'))
+    assert run_cli("deliveries", "retry", "--all", "--config", site.config).returncode == 0
+    code, text = once(site.config)
+
+    assert code == 0, text
+    [zip_path] = site.outputs()
+    check_orthanc(server, zip_path)
+    assert not any(p.exists() for p in sources)
+    assert status(site.config)["deliveries"]["by_destination"] == {"web": {"delivered": 1}}
+
+
+def test_https_with_verify_tls_off_delivers(
+    site: Site, tmp_path: Path, https_orthanc: tuple[Orthanc, TlsProxy, Pki]
+) -> None:
+    server, px, _pki = https_orthanc
+    write_config(site, https_dicomweb("web", px.dicomweb, keys="verify_tls = false\n"))
+    drop(make_series(tmp_path / "stage", 3), site.inbox)
+
+    code, text = once(site.config)
+
+    assert code == 0, text
+    [zip_path] = site.outputs()
+    check_orthanc(server, zip_path)
+
+
+def test_bearer_token_a_wrong_one_is_dead_lettered_the_right_one_arrives_and_neither_is_shown(
+    site: Site, tmp_path: Path, https_orthanc: tuple[Orthanc, TlsProxy, Pki]
+) -> None:
+    server, px, pki = https_orthanc
+    wrong = "wrong-token-77e0d2"
+    bearer = f'auth = "bearer"\nca_file = "{pki.ca}"\n'
+    write_config(site, https_dicomweb("web", px.bearer_dicomweb, keys=bearer + 'secret_env = "PACS_TOKEN"\n'))
+    sources = drop(make_series(tmp_path / "stage", 3), site.inbox)
+
+    code, text = once(site.config, env={"PACS_TOKEN": wrong})
+
+    assert code == 3, text
+    assert "refused the credentials (HTTP 401)" in text and "check the token" in text
+    [dead] = status(site.config)["deliveries"]["dead_letters"]
+    assert dead["attempts"] == 2 and "HTTP 401" in dead["error"], dead
+    assert server.get("/instances") == []
+    assert all(p.exists() for p in sources)
+
+    write_config(site, https_dicomweb("web", px.bearer_dicomweb,
+                                      keys=bearer + f'secret_file = "{secret(site, TOKEN)}"\n'))
+    assert run_cli("deliveries", "retry", "--all", "--config", site.config).returncode == 0
+    code, second = once(site.config, env={"PACS_TOKEN": wrong})
+
+    assert code == 0, second
+    [zip_path] = site.outputs()
+    check_orthanc(server, zip_path)
+    assert not any(p.exists() for p in sources)
+    shown = text + second + run_cli("status", "--config", site.config).stdout
+    shown += run_cli("status", "--json", "--config", site.config).stdout
+    shown += run_cli("deliveries", "list", "--config", site.config).stdout
+    for token in (wrong, TOKEN):
+        assert token not in shown, "a token was shown in the output, the log or the status"
+        assert token.encode() not in b"".join(p.read_bytes() for p in site.state.glob("journal.sqlite*"))

@@ -131,6 +131,9 @@ class DicomWeb:
         try:
             response = client.post(url, content=body(), headers=headers)
         except httpx.ConnectError as exc:
+            tls = _tls_failure(exc)
+            if tls is not None:  # not "cannot connect": the fix is in the config (or the server's certificate)
+                raise DeliveryError(self._tls_sentence(tls), reachable=False) from None
             raise DeliveryError(f"cannot connect to {url}: {exc}", reachable=False) from None
         except httpx.TimeoutException:
             raise DeliveryError(
@@ -139,6 +142,17 @@ class DicomWeb:
         except httpx.HTTPError as exc:
             raise DeliveryError(f"the STOW-RS request to {url} failed: {exc}") from None
         return self._read_response(url, response, batch)
+
+    def _tls_sentence(self, exc: ssl.SSLError) -> str:
+        where = self.cfg.url.split("/")[2]
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # The server answered, but with a certificate this machine does not trust, or for another name.
+            return (f"the TLS handshake with {where} failed: the server's certificate was refused "
+                    f"({exc.reason}: {exc.verify_message}); set ca_file to the PEM of the CA that signs it, "
+                    "and check that the certificate names the host in url (verify_tls = false only for a "
+                    "test server)")
+        return (f"the TLS handshake with {where} failed ({exc.reason or exc}); check that url is right and "
+                "that the server speaks https on that port")
 
     def _read_response(
         self, url: str, response: httpx.Response, batch: Sequence[Instance]
@@ -172,6 +186,20 @@ class DicomWeb:
             else:
                 failures.append(f"{inst.entry}: not listed as stored (HTTP {code})")
         return ok, failures
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl error behind an httpx ConnectError, if the handshake is what failed (httpx wraps httpcore's
+    error, which holds the ssl one as its argument)."""
+    todo: list[BaseException] = [exc]
+    for _ in range(8):
+        if not todo:
+            break
+        err = todo.pop()
+        if isinstance(err, ssl.SSLError):
+            return err
+        todo += [e for e in (err.__cause__, err.__context__, *err.args) if isinstance(e, BaseException)]
+    return None
 
 
 def _json(response: httpx.Response) -> dict[str, Any] | None:

@@ -104,6 +104,10 @@ class Dimse:
 
         def on_open(event: Any) -> None:
             opened.append(True)
+            # C-STORE waits for each response before the next request: with Nagle's algorithm on, the last
+            # short PDU of an instance can wait for the peer's delayed ACK (up to 40 ms) before it leaves.
+            with contextlib.suppress(OSError, AttributeError):
+                event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         where = f"{cfg.host}:{cfg.port} ({cfg.called_aet})"
         assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_aet, tls_args=tls,
