@@ -27,7 +27,8 @@ from pydicom import config as config_mod
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.conftest import REPO, Site, sample
+from tests.conftest import REPO, CliResult, Site, run_cli, sample
+from tests.deliver_servers import free_port
 
 SETTLE = 2.0
 STABLE = 0.3
@@ -580,3 +581,122 @@ def test_logs_and_journal_hold_no_planted_patient_name_or_id(
     for word in (*PHI, BIRTH_DATE):
         assert word.lower() not in text, f"the log names the patient ({word!r})"
         assert word.lower().encode() not in journal, f"the journal names the patient ({word!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One working process per state folder: the daemon and `anondrop once` never share a journal
+# ---------------------------------------------------------------------------------------------------------
+
+EXIT_BUSY = 4
+
+
+def said(result: CliResult) -> str:
+    """stderr with the console's line wrapping undone."""
+    return " ".join(result.stderr.split())
+
+
+def test_once_on_the_daemons_state_folder_is_refused_and_the_daemon_carries_on(
+    site: Site, start_daemon: Callable[[], Daemon], tmp_path: Path
+) -> None:
+    config(site)
+    daemon = start_daemon()
+    drop_all(make_series(tmp_path / "s1", 2), site.inbox / "one")
+
+    asked = time.monotonic()
+    refused = run_cli("once", "--config", site.config, timeout=60)
+
+    assert refused.returncode == EXIT_BUSY, refused.stdout + refused.stderr
+    assert time.monotonic() - asked < 20, "a refusal must not wait for the holder"
+    assert f"the state folder {site.state.resolve()} is in use by another anondrop process" in said(refused)
+    assert f"pid {daemon.proc.pid}: anondrop run --config {site.config.resolve()}" in said(refused)
+    assert "series delivered" not in refused.stdout, "a refused once must not run at all"
+    # The operator's commands stay usable beside the daemon (retry writes one SQLite transaction).
+    for command in (["status"], ["status", "--json"], ["deliveries", "list"], ["deliveries", "retry", "--all"],
+                    ["quarantine", "list"]):
+        result = run_cli(*command, "--config", site.config, timeout=60)
+        assert result.returncode == 0, f"anondrop {' '.join(command)}: {result.stderr}"
+    [out] = wait_outputs(site, 1, timeout=SETTLE + 15)
+    assert_complete(read_zip(out), range(1, 3))
+    drop_all(make_series(tmp_path / "s2", 3), site.inbox / "two")
+    assert len(wait_outputs(site, 2, timeout=SETTLE + 15)) == 2
+    assert daemon.alive()
+
+    # Killed outright, the daemon leaves its lock file behind, but the kernel has released the lock itself.
+    daemon.kill_group()
+    assert f"pid {daemon.proc.pid}: anondrop run" in (site.state / "anondrop.lock").read_text()
+    after = run_cli("once", "--config", site.config, timeout=120)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert len(site.outputs()) == 2, "the once after the daemon repeated a delivered series"
+
+
+def test_run_is_refused_while_once_works_the_state_folder_and_a_killed_once_blocks_nothing(
+    site: Site, start_daemon: Callable[[], Daemon], tmp_path: Path
+) -> None:
+    # A destination nobody listens on, retried after ten minutes: the `once` keeps the state folder that long.
+    config(site, f"""
+[[destinations]]
+name = "pacs"
+kind = "dimse"
+host = "127.0.0.1"
+port = {free_port()}
+called_aet = "NOBODY"
+max_attempts = 100
+backoff_seconds = 600
+timeout_seconds = 2
+""")
+    drop_all(make_series(tmp_path / "s1", 2), site.inbox / "one")
+    lock = site.state / "anondrop.lock"
+    with (site.root / "once.log").open("wb") as log_file:
+        once = subprocess.Popen([sys.executable, "-m", "anondrop", "once", "--config", str(site.config)],
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        wait_for(lambda: lock.exists() and f"pid {once.pid}: anondrop once" in lock.read_text(), 30,
+                 "the once to take the state folder")
+        wait_for(lambda: site.outputs(), 60, "the once's ZIP")
+
+        refused = run_cli("run", "--config", site.config, timeout=60)
+
+        assert refused.returncode == EXIT_BUSY, refused.stdout + refused.stderr
+        assert f"pid {once.pid}: anondrop once --config {site.config.resolve()}" in said(refused)
+        assert "Wait for it to finish or stop it" in said(refused)
+        assert once.poll() is None, "the refused daemon disturbed the once"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(once.pid, signal.SIGKILL)
+        once.wait(10)
+
+    daemon = start_daemon()  # the killed once left its lock file, and it blocks nothing
+    assert f"pid {daemon.proc.pid}: anondrop run" in lock.read_text()
+    assert daemon.alive()
+
+
+def test_a_reload_onto_a_state_folder_in_use_is_refused_and_a_reload_that_moves_releases_the_old_one(
+    site: Site, start_daemon: Callable[[], Daemon], tmp_path: Path
+) -> None:
+    config(site)
+    daemon = start_daemon()
+    moved = site.root / "state2"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from anondrop import lease; "
+         "held = lease.take(Path(sys.argv[1]), 'a helper holding the lease'); print('held', flush=True); "
+         "time.sleep(600)",
+         str(moved)], stdout=subprocess.PIPE, cwd=REPO, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        site.config.write_text(site.config.read_text().replace('state = "state"', 'state = "state2"'))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("config_reload_refused")
+        assert f"pid {holder.pid}: a helper holding the lease" in daemon.log()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded")
+    assert f"pid {daemon.proc.pid}: anondrop run" in (moved / "anondrop.lock").read_text()
+    # The first state folder is free again: a `once` pointed at it runs.
+    other = site.root / "old.toml"
+    other.write_text(site.config.read_text().replace('state = "state2"', 'state = "state"'))
+    assert run_cli("once", "--config", other, timeout=120).returncode == 0
+    assert run_cli("once", "--config", site.config, timeout=60).returncode == EXIT_BUSY
+    assert daemon.alive()

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from anondrop import lease
 from anondrop.config import Config
 from anondrop.deliver.courier import Courier, Report
 from anondrop.deliver.queue import DEAD, DeliveryQueue
@@ -41,6 +42,9 @@ ProgressFactory = Callable[[int], Callable[[int], None]]
 def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     """Every complete series under the inbox becomes one ZIP in the outbox; bad input goes to quarantine."""
     summary = Summary()
+    # Before the outbox's leftovers are cleaned and the journal opened: a daemon on this state folder would
+    # lose its temporary ZIPs and share the journal (see lease.py).
+    held = lease.take(cfg.paths.state, f"anondrop once --config {cfg.source}")
     removed = clean_stale_temps(cfg.paths.outbox)
     if removed:
         log.info("removed %d unfinished temporary file(s) from an earlier run", removed)
@@ -84,6 +88,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
         journal.close()
         if cross is not None:
             cross.close()
+        held.release()
     return summary
 
 

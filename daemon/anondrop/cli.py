@@ -1,7 +1,8 @@
 """The command line: parse, load the config, call one service function, print.
 
 Exit codes: 0 success; 1 an unexpected error (a bug or the machine: see the message); 2 the command line
-or the config is wrong; 3 the run finished but something went to quarantine or was stopped by the gate.
+or the config is wrong; 3 the run finished but something went to quarantine or was stopped by the gate; 4
+another anondrop process (the daemon or a `once`) is working on the same state folder, and nothing was done.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ ConfigOpt = Annotated[
         show_default=False,
     ),
 ]
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_QUARANTINED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_QUARANTINED, EXIT_BUSY = 0, 1, 2, 3, 4
 
 
 def _load(path: Path | None) -> config_mod.Config:
@@ -114,10 +115,15 @@ def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | No
 def once(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Process every series now in the inbox once, then exit."""
     from anondrop.batch import run_once
+    from anondrop.lease import LeaseHeld
 
     _logging(verbose)
     cfg = _load(config)
-    summary = _run_with_progress(lambda p: run_once(cfg, p))
+    try:
+        summary = _run_with_progress(lambda p: run_once(cfg, p))
+    except LeaseHeld as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BUSY) from None
     _print_summary(summary, "anondrop once")
     raise typer.Exit(summary.exit_code)
 
@@ -218,6 +224,7 @@ def _print_routes(cfg: config_mod.Config, routes: RouteTable) -> None:
 @app.command()
 def run(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True) -> None:
     """Run the watched-folder daemon (under systemd: Type=notify)."""
+    from anondrop.lease import LeaseHeld
     from anondrop.logs import setup_daemon_logging
     from anondrop.service import Service
 
@@ -228,6 +235,9 @@ def run(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbo
     except config_mod.ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(EXIT_CONFIG) from None
+    except LeaseHeld as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(EXIT_BUSY) from None
     raise typer.Exit(service.run())
 
 

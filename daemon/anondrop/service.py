@@ -31,6 +31,7 @@ from pydicom import dcmread
 from watchdog.observers.api import BaseObserver
 
 from anondrop import config as config_mod
+from anondrop import lease
 from anondrop.batch import dispose_released, finish_series, settle_container
 from anondrop.config import Config
 from anondrop.deliver.courier import Courier
@@ -92,6 +93,8 @@ class Service:
         self.paused_until = 0.0
         self.mode = "inotify"
         self.observer: BaseObserver | None = None
+        # Held for the life of the process, through reloads: no `anondrop once` may work this journal meanwhile.
+        self.lease = lease.take(self.cfg.paths.state, _command(self.cfg))
         self._setup()
 
     # -- set-up and reload ----------------------------------------------------------------------------
@@ -133,6 +136,14 @@ class Service:
             log.error("config_reload_refused: %s; the running config stays in force", exc)
             notify("STATUS=config reload refused; running with the previous config")
             return
+        moved = None
+        if new.paths.state != self.cfg.paths.state:
+            try:
+                moved = lease.take(new.paths.state, _command(new))
+            except lease.LeaseHeld as exc:
+                log.error("config_reload_refused: %s; the running config stays in force", exc)
+                notify("STATUS=config reload refused; running with the previous config")
+                return
         if self.running:
             log.info("config_reload: waiting for %d series in progress", len(self.running))
             # A series that failed is handled (and retried) by _collect, like any other: it must not end
@@ -142,6 +153,9 @@ class Service:
         self._teardown(wait=True)
         observer_changed = new.paths.inbox != self.cfg.paths.inbox or new.watch != self.cfg.watch
         self.cfg = new
+        if moved is not None:
+            self.lease.release()
+            self.lease = moved
         self._setup()
         if observer_changed and self.observer is not None:
             self.observer.stop()
@@ -502,6 +516,10 @@ def _expected_count(path: Path) -> int | None:
         return int(value) if value not in (None, "") else None
     except Exception:
         return None
+
+
+def _command(cfg: Config) -> str:
+    return f"anondrop run --config {cfg.source}"
 
 
 def run(cfg_path: Path) -> int:
