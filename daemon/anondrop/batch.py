@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from anondrop import lease
@@ -52,6 +54,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     routes, keys = make_routes(cfg), make_keys(cfg)
     cross = open_crosswalk(cfg)
     workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
+    series_pool = ThreadPoolExecutor(2, thread_name_prefix="series")
     courier: Courier | None = None
     try:
         if cfg.destinations:
@@ -67,14 +70,28 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
         total = sum(len(f) for f in todo.values())
         ctx.progress = progress(total) if progress else None
         handled: set[Path] = set()
-        for files in todo.values():
-            summary.files_in += len(files)
-            summary.bytes_in += sum(f.size for f in files)
-            outcome = process_series(ctx, files, workers, summary)
+        # Two series in flight: while one is finished (gate cross-check, ZIP commit, journal), the next one
+        # already keeps the workers busy. Each is recorded in the order the inbox listed it.
+        in_flight: deque[tuple[list[FileInfo], Summary, Future[SeriesOutcome]]] = deque()
+
+        def finish_next() -> None:
+            files, part, future = in_flight.popleft()
+            outcome = future.result()
+            summary.absorb(part)
             handled.update(f.path for f in files)
             finish_series(cfg, journal, outcome, summary)
             if courier is not None:
                 _tally(courier.poll(), summary)
+
+        for files in todo.values():
+            summary.files_in += len(files)
+            summary.bytes_in += sum(f.size for f in files)
+            part = Summary()
+            in_flight.append((files, part, series_pool.submit(process_series, ctx, files, workers, part)))
+            while len(in_flight) > 1:
+                finish_next()
+        while in_flight:
+            finish_next()
         if courier is not None:
             _tally(courier.run_until_settled(), summary)
         _finish_containers(cfg, journal, inv, handled, unpacked)
@@ -84,6 +101,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     finally:
         if courier is not None:
             courier.close()
+        series_pool.shutdown(wait=True, cancel_futures=True)
         workers.close()
         journal.close()
         if cross is not None:

@@ -243,6 +243,13 @@ class Summary:
     def exit_code(self) -> int:
         return 3 if (self.quarantined or self.gated or self.dead) else 0
 
+    def absorb(self, part: Summary) -> None:
+        """Add what one series recorded (quarantined files, gate stops) to the run's summary."""
+        self.quarantined.update(part.quarantined)
+        for code, message in part.reasons.items():
+            self.reasons.setdefault(code, message)
+        self.gated.extend(part.gated)
+
 
 class Cancelled(Exception):
     """The daemon is stopping: the series is abandoned cleanly (no output, sources untouched)."""
