@@ -396,3 +396,52 @@ def test_cleaned_text_still_fits_its_value_representation(
     who, where, options = scenario
     out, _report = deidentify(_build(who, where), _policy(options), KEYS)
     assert not _too_long(out), f"options {options}: values longer than their VR allows: {_too_long(out)}"
+
+
+# The gate's fast question (is any identifier in these bytes?) is answered by token shapes; it must agree
+# with the full regex search on every input: words, phrases (spaces, non-ASCII, numbers), dates in all their
+# spellings and UIDs, planted between arbitrary neighbours.
+_NEIGHBOURS = st.sampled_from(["", " ", "x", "X", "1", "^", "\\", "/", ".", "-", "é", "\0", "_"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    family=st.sampled_from(FAMILY),
+    given_name=st.sampled_from(GIVEN),
+    institution=st.sampled_from(INSTITUTIONS),
+    date=st.dates(dt.date(1930, 1, 1), dt.date(2030, 12, 31)),
+    plant=st.sampled_from(["none", "family", "given", "institution", "date", "date-iso", "date-eu", "uid", "id",
+                           "phone"]),
+    case=st.sampled_from(["upper", "lower", "title"]),
+    before=_NEIGHBOURS,
+    after=_NEIGHBOURS,
+    filler=st.binary(max_size=200),
+)
+def test_the_gate_fast_check_agrees_with_the_full_search(
+    family: str, given_name: str, institution: str, date: dt.date, plant: str, case: str, before: str,
+    after: str, filler: bytes,
+) -> None:
+    ds = Dataset()
+    ds.PatientName = f"{family}^{given_name}"
+    ds.PatientID = "MRN-0042-77"
+    ds.OtherPatientIDs = "X9"
+    ds.InstitutionName = institution
+    ds.PatientTelephoneNumbers = "+1-908-555-8074"
+    ds.PatientBirthDate = date.strftime("%Y%m%d")
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1234567"
+    ids = collect_identifiers(ds, build_policy())
+    text = {
+        "none": "",
+        "family": family,
+        "given": given_name,
+        "institution": institution,
+        "date": date.strftime("%Y%m%d"),
+        "date-iso": date.strftime("%Y-%m-%d"),
+        "date-eu": date.strftime("%d.%m.%Y"),
+        "uid": "1.2.826.0.1.3680043.8.498.1234567",
+        "id": "MRN-0042-77",
+        "phone": "+1-908-555-8074",
+    }[plant]
+    text = {"upper": text.upper(), "lower": text.lower(), "title": text.title()}[case]
+    data = filler + (before + text + after).encode("utf-8") + filler
+    assert ids.contains(data) == (next(ids.find(data), None) is not None)
