@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import cast
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
@@ -74,7 +73,9 @@ PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double fl
 
 def raw_item(ds: Dataset, tag: int | BaseTag) -> DataElement | RawDataElement | None:
     """The element as stored: raw (undecoded) when never accessed; a deferred value stays unread."""
-    return cast("DataElement | RawDataElement | None", ds.get_item(tag, keep_deferred=True))
+    # Dataset.get_item(tag, keep_deferred=True) without its Tag() conversion: tags are ints and BaseTags,
+    # which hash and compare as their int; this runs for every element of every file, several times.
+    return ds._dict.get(tag)  # type: ignore[arg-type]
 
 
 def vr_of(elem: DataElement | RawDataElement, tag: int) -> str:

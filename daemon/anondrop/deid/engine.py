@@ -658,7 +658,7 @@ def deidentify_bytes(
             target._dict[raw.tag] = raw._replace(value=data[start:end])
 
     ids = identifiers if identifiers is not None else collect_identifiers_raw(ds, policy, fill)
-    original = {int(t): raw_item(ds, t) for t in ds.keys()}
+    original = {int(t): e for t, e in ds._dict.items()}
     source = (plain(ds, "PatientID"), plain(ds, "IssuerOfPatientID"), plain(ds, "AccessionNumber"))
     report = _apply(ds, policy, keys, ids, fill, shared=True, overrides=overrides)
 
@@ -841,10 +841,10 @@ def _undefined_end(data: bytes, pos: int) -> int:
 
 def _check_truncation(ds: Dataset, data: bytes) -> None:
     """A value that runs past the end of the file means the file was cut short (copy in progress, disk full)."""
-    for tag in ds.keys():
-        raw = raw_item(ds, tag)
+    size = len(data)
+    for tag, raw in ds._dict.items():
         if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
-            if raw.value_tell + raw.length > len(data):
+            if raw.value_tell + raw.length > size:
                 raise Truncated(
                     f"element ({tag.group:04X},{tag.element:04X}) needs {raw.length} bytes but the file "
                     f"ends {len(data) - raw.value_tell} bytes after its start: the file is truncated"
