@@ -70,6 +70,7 @@ class SeriesZip:
         self._entries: list[dict[str, object]] = []
         self._names: set[str] = set()
         self._state: Literal["open", "committed", "aborted"] = "open"
+        self._unflushed = 0  # bytes written since the kernel was last asked to start writing them out
 
     def __enter__(self) -> SeriesZip:
         return self
@@ -119,6 +120,13 @@ class SeriesZip:
             raise
         self._names.add(name.casefold())
         self._entries.append({"name": name, "size": size, "sha256": sha256})
+        self._unflushed += size
+        if self._unflushed >= _WRITEBACK_BYTES:
+            # Start writing the ZIP to disk now, without waiting: the fsync in commit() then has only the
+            # tail left, instead of the whole series (a 600-slice CT is 300 MB) at the very end.
+            self._unflushed = 0
+            self._file.flush()
+            start_writeback(self._file.fileno())
         return sha256
 
     def entry_digests(self) -> list[str]:
@@ -220,6 +228,25 @@ def _makedirs(folder: Path) -> list[Path]:
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _renameat2: Callable[..., int] | Literal[False] | None = False  # False: not looked up yet
+_sync_file_range: Callable[..., int] | Literal[False] | None = False
+_WRITEBACK_BYTES = 16 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages (Linux sync_file_range, not waiting); a no-op
+    where that call does not exist. Durability still comes from fsync alone."""
+    global _sync_file_range
+    if _sync_file_range is False:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range = fn
+        except (AttributeError, OSError):
+            _sync_file_range = None
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _libc_renameat2() -> Callable[..., int] | None:

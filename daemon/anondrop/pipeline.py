@@ -25,13 +25,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.tag import BaseTag
 
-from anondrop import __version__, crosswalk
+from anondrop import __version__
 from anondrop.config import Config
-from anondrop.crosswalk import Crosswalk, Pair
 from anondrop.deid import engine
 from anondrop.deid.gate import GateHit, Identifiers, scan_bytes, scan_dataset, scan_names
 from anondrop.deid.policy import Policy
@@ -45,6 +45,9 @@ from anondrop.package import SeriesZip, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
 from anondrop.routes import Lane, RouteTable, build_routes
 from anondrop.sitekey import load_or_create
+
+if TYPE_CHECKING:  # the crosswalk (and cryptography) is imported only where it is switched on
+    from anondrop.crosswalk import Crosswalk, Pair
 
 log = logging.getLogger("anondrop")
 
@@ -286,7 +289,11 @@ def make_routes(cfg: Config) -> RouteTable:
 
 def open_crosswalk(cfg: Config) -> Crosswalk | None:
     cw = cfg.crosswalk
-    return crosswalk.open_from_config(cfg.paths.state, cw.key_file, cw.key_env) if cw.enabled else None
+    if not cw.enabled:
+        return None
+    from anondrop.crosswalk import open_from_config
+
+    return open_from_config(cfg.paths.state, cw.key_file, cw.key_env)
 
 
 # -- inventory --------------------------------------------------------------------------------------------
@@ -580,6 +587,8 @@ def _output_names(
 
 
 def _pairs(sources: set[tuple[str, str, str]], study: str, first: engine.Report) -> list[Pair]:
+    from anondrop.crosswalk import Pair
+
     patient, new_study = first.patient_id, first.study_uid
     pairs = [Pair("StudyInstanceUID", study, "", new_study, patient, new_study)]
     for pid, issuer, accession in sorted(sources):
