@@ -207,16 +207,7 @@ class Identifiers:
 
         UIDs are found by their shape and looked up in a set instead: a series has hundreds of them.
         """
-        texts: set[bytes] = {w.encode("ascii") for w in self.words}
-        for _kind, text in self.phrases:
-            # re.IGNORECASE folds ASCII only in bytes patterns: spell out the case forms of non-ASCII text.
-            for form in {text, text.upper(), text.lower(), text.title(), text.capitalize()}:
-                for enc in ("utf-8", "latin-1"):
-                    try:
-                        texts.add(form.encode(enc))
-                    except UnicodeEncodeError:
-                        continue
-        return _compile(frozenset(texts), self._date_forms)
+        return _compile(self._words_bytes | self._phrase_forms, self._date_forms)
 
     def _kind(self, match: bytes) -> str:
         if match in self._date_forms:
@@ -246,6 +237,7 @@ class Identifiers:
     def _phrase_forms(self) -> frozenset[bytes]:
         texts: set[bytes] = set()
         for _kind, text in self.phrases:
+            # re.IGNORECASE folds ASCII only in bytes patterns: spell out the case forms of non-ASCII text.
             for form in {text, text.upper(), text.lower(), text.title(), text.capitalize()}:
                 for enc in ("utf-8", "latin-1"):
                     try:
