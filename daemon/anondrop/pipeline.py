@@ -147,6 +147,10 @@ def _process_batch(job: Job) -> list[FileOutcome]:
     return out
 
 
+def _warm() -> None:
+    """Nothing: submitted once per worker so that the pool starts its processes right away."""
+
+
 def _info_batch(job: tuple[tuple[int, ...], list[tuple[str, str, str | None]]]) -> list[FileInfo | BadFile]:
     extra, batch = job
     return [read_info(Path(p), rel, Path(c) if c else None, extra) for p, rel, c in batch]
@@ -185,6 +189,10 @@ class Workers:
             self.pool = ProcessPoolExecutor(
                 count, mp_context=get_context("forkserver"), initializer=_init_worker, initargs=(policies, keys)
             )
+            # Start every worker now (each imports pydicom, about half a second) instead of at the first
+            # batch: they boot while the caller walks the inbox.
+            for _ in range(count):
+                self.pool.submit(_warm)
         else:
             _init_worker(policies, keys)
 
