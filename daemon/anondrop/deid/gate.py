@@ -194,12 +194,7 @@ class Identifiers:
 
     @cached_property
     def _date_forms(self) -> frozenset[bytes]:
-        forms: set[bytes] = set()
-        for date in self.dates:
-            y, m, d = date[:4], date[4:6], date[6:8]
-            forms |= {f.encode() for f in (date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}",
-                                           f"{d}/{m}/{y}", f"{d}-{m}-{y}", f"{m}/{d}/{y}", f"{m}-{d}-{y}")}
-        return frozenset(forms)
+        return _date_forms(self.dates)
 
     @cached_property
     def _pattern(self) -> re.Pattern[bytes] | None:
@@ -235,16 +230,7 @@ class Identifiers:
 
     @cached_property
     def _phrase_forms(self) -> frozenset[bytes]:
-        texts: set[bytes] = set()
-        for _kind, text in self.phrases:
-            # re.IGNORECASE folds ASCII only in bytes patterns: spell out the case forms of non-ASCII text.
-            for form in {text, text.upper(), text.lower(), text.title(), text.capitalize()}:
-                for enc in ("utf-8", "latin-1"):
-                    try:
-                        texts.add(form.encode(enc))
-                    except UnicodeEncodeError:
-                        continue
-        return frozenset(texts)
+        return _phrase_forms(self.phrases)
 
     @cached_property
     def _phrase_pattern(self) -> re.Pattern[bytes] | None:
@@ -252,16 +238,7 @@ class Identifiers:
 
     @cached_property
     def _phrase_keys(self) -> frozenset[bytes] | None:
-        """One alphanumeric run of every phrase form, upper-cased: where a phrase occurs, each of its runs is a
-        whole token (the phrase's own boundaries and separators guarantee it). The longest run is the rarest
-        key. None when some form has no run at all."""
-        keys = set()
-        for form in self._phrase_forms:
-            runs = _TOKEN.findall(form)
-            if not runs:
-                return None
-            keys.add(max(runs, key=lambda r: (len(r), not r.isdigit())).upper())
-        return frozenset(keys)
+        return _phrase_keys(self._phrase_forms)
 
     @cached_property
     def _date_keys(self) -> frozenset[bytes]:
@@ -309,6 +286,46 @@ class Identifiers:
         if self._uids_bytes:
             out = _UIDISH.sub(lambda m: b"[REMOVED]" if m.group() in self._uids_bytes else m.group(), out)
         return out.decode("utf-8", "surrogateescape")
+
+
+# The derived forms below are cached by value: every file of a series has its own Identifiers, but they
+# mostly hold the same names, dates and phrases.
+@lru_cache(maxsize=256)
+def _date_forms(dates: frozenset[str]) -> frozenset[bytes]:
+    forms: set[bytes] = set()
+    for date in dates:
+        y, m, d = date[:4], date[4:6], date[6:8]
+        forms |= {f.encode() for f in (date, f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{y}.{m}.{d}", f"{d}.{m}.{y}",
+                                       f"{d}/{m}/{y}", f"{d}-{m}-{y}", f"{m}/{d}/{y}", f"{m}-{d}-{y}")}
+    return frozenset(forms)
+
+
+@lru_cache(maxsize=256)
+def _phrase_forms(phrases: frozenset[tuple[str, str]]) -> frozenset[bytes]:
+    texts: set[bytes] = set()
+    for _kind, text in phrases:
+        # re.IGNORECASE folds ASCII only in bytes patterns: spell out the case forms of non-ASCII text.
+        for form in {text, text.upper(), text.lower(), text.title(), text.capitalize()}:
+            for enc in ("utf-8", "latin-1"):
+                try:
+                    texts.add(form.encode(enc))
+                except UnicodeEncodeError:
+                    continue
+    return frozenset(texts)
+
+
+@lru_cache(maxsize=256)
+def _phrase_keys(forms: frozenset[bytes]) -> frozenset[bytes] | None:
+    """One alphanumeric run of every phrase form, upper-cased: where a phrase occurs, each of its runs is a
+    whole token (the phrase's own boundaries and separators guarantee it). The longest run is the rarest key.
+    None when some form has no run at all."""
+    keys = set()
+    for form in forms:
+        runs = _TOKEN.findall(form)
+        if not runs:
+            return None
+        keys.add(max(runs, key=lambda r: (len(r), not r.isdigit())).upper())
+    return frozenset(keys)
 
 
 @lru_cache(maxsize=256)
