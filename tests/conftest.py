@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRE_REAL = os.environ.get("ANONDROP_REQUIRE_REAL") == "1"
@@ -34,6 +36,26 @@ def sample(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, f"pydicom test file {name} not found"
     return Path(str(path))
+
+
+def write_instances(
+    folder: Path, template: Dataset, n: int, *, first: int = 1, name: str = "IM{:04d}.dcm",
+    implicit: set[int] | frozenset[int] = frozenset(),
+) -> list[Path]:
+    """Write n instances of the template's series into folder, numbered from `first`, each with a new SOP
+    Instance UID; those numbered in `implicit` in Implicit VR Little Endian, the rest in Explicit VR."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number in range(first, first + n):
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        template.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if number in implicit else ExplicitVRLittleEndian
+        )
+        template.InstanceNumber = number
+        path = folder / name.format(number)
+        template.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
 
 
 @dataclass

@@ -31,9 +31,9 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from tests.conftest import REQUIRE_REAL, require_tool, run_cli, sample
+from tests.conftest import REQUIRE_REAL, require_tool, run_cli, sample, write_instances
 
 LOOPBACK = "127.0.0.1"
 # Planted in every generated instance; none may reach a destination, a log or the journal.
@@ -111,7 +111,6 @@ def make_series(stage: Path, n: int, *, implicit: set[int] | frozenset[int] = fr
     """n CT instances of one new series with planted identifiers; those numbered in `implicit` are written
     in Implicit VR Little Endian, the rest in Explicit VR Little Endian. `pixels` > 0 replaces the pixel
     data with that many bytes (to make large series)."""
-    stage.mkdir(parents=True, exist_ok=True)
     ds = dcmread(sample("CT_small.dcm"))
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
@@ -122,16 +121,7 @@ def make_series(stage: Path, n: int, *, implicit: set[int] | frozenset[int] = fr
         side = int((pixels // 2) ** 0.5)
         ds.Rows = ds.Columns = side
         ds.PixelData = os.urandom(side * side * 2)
-    files = []
-    for number in range(1, n + 1):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if number in implicit else ExplicitVRLittleEndian
-        ds.InstanceNumber = number
-        path = stage / f"IM{number:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return Series(files, str(ds.SeriesInstanceUID))
+    return Series(write_instances(stage, ds, n, implicit=implicit), str(ds.SeriesInstanceUID))
 
 
 def drop(series: Series, folder: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from pydicom import config as config_mod
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.conftest import REPO, CliResult, Site, run_cli, sample
+from tests.conftest import REPO, CliResult, Site, run_cli, sample, write_instances
 from tests.deliver_servers import free_port
 
 SETTLE = 2.0
@@ -66,36 +66,19 @@ class Series:
 
 
 def make_series(stage: Path, n: int, *, study_uid: str | None = None, first: int = 1) -> Series:
-    stage.mkdir(parents=True, exist_ok=True)
     ds = dcmread(sample("CT_small.dcm"))
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
     ds.AccessionNumber = ACCESSION
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    files = []
-    for number in range(first, first + n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number
-        path = stage / f"IM{number:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
+    files = write_instances(stage, ds, n, first=first)
     return Series(files, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
 
 
 def more_of(series: Series, stage: Path, n: int, first: int) -> Series:
     """Further instances of the same series (a late arrival)."""
-    stage.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(series.files[0])
-    files = []
-    for number in range(first, first + n):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number
-        path = stage / f"IM{number:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
+    files = write_instances(stage, dcmread(series.files[0]), n, first=first)
     return Series(files, series.study_uid, series.series_uid)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.conftest import CliResult, Site, sample
+from tests.conftest import CliResult, Site, sample, write_instances
 
 
 def _series(folder: Path, count: int, start: int = 1, series_uid: str | None = None) -> str:
@@ -19,11 +19,7 @@ def _series(folder: Path, count: int, start: int = 1, series_uid: str | None = N
     template.PatientID = "LATE-5512"
     uid = series_uid or generate_uid()
     template.SeriesInstanceUID = uid
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in range(start, start + count):
-        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        template.InstanceNumber = n
-        template.save_as(folder / f"slice{n:03d}.dcm", enforce_file_format=True)
+    write_instances(folder, template, count, first=start, name="slice{:03d}.dcm")
     return uid
 
 

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from anondrop import config as config_mod
-from tests.conftest import CliResult, Site, sample
+from tests.conftest import CliResult, Site, sample, write_instances
 from tests.test_daemon import SETTLE, TIMINGS, Daemon, start_daemon, wait_for, wait_outputs  # noqa: F401 (the fixture)
 
 NAME = "Quillfeather^Ottoline"
@@ -40,7 +40,6 @@ class Dropped:
 
 def drop_series(folder: Path, n: int = 3, *, modality: str = "CT", name: str = NAME, pid: str = PID,
                 study_uid: str | None = None, series_number: int = 7) -> Dropped:
-    folder.mkdir(parents=True, exist_ok=True)
     ds = dcmread(sample("CT_small.dcm"))
     ds.PatientName = name
     ds.PatientID = pid
@@ -50,11 +49,7 @@ def drop_series(folder: Path, n: int = 3, *, modality: str = "CT", name: str = N
     ds.SeriesNumber = series_number
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    for number in range(1, n + 1):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = number
-        ds.save_as(folder / f"IM{number:04d}.dcm", enforce_file_format=True)
+    write_instances(folder, ds, n)
     return Dropped(folder, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
 
 
