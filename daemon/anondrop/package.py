@@ -22,9 +22,10 @@ import stat
 import time
 import zipfile
 from collections.abc import Callable, Iterable
+from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger("anondrop")
 
@@ -227,39 +228,28 @@ def _makedirs(folder: Path) -> list[Path]:
 # -- rename without replacing -----------------------------------------------------------------------------
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-_renameat2: Callable[..., int] | Literal[False] | None = False  # False: not looked up yet
-_sync_file_range: Callable[..., int] | Literal[False] | None = False
 _WRITEBACK_BYTES = 16 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+@cache
+def _libc(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Callable[..., int] | None:
+    """A libc function with errno kept, looked up once; None where this libc lacks it."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
 
 
 def start_writeback(fd: int) -> None:
     """Ask the kernel to start writing a file's dirty pages (Linux sync_file_range, not waiting); a no-op
     where that call does not exist. Durability still comes from fsync alone."""
-    global _sync_file_range
-    if _sync_file_range is False:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _sync_file_range = fn
-        except (AttributeError, OSError):
-            _sync_file_range = None
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
-def _libc_renameat2() -> Callable[..., int] | None:
-    global _renameat2
-    if _renameat2 is False:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _renameat2 = fn
-        except (AttributeError, OSError, TypeError):
-            _renameat2 = None
-    return _renameat2
+    fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if fn is not None:
+        fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def rename_no_replace(src: Path, dst: Path) -> None:
@@ -269,7 +259,7 @@ def rename_no_replace(src: Path, dst: Path) -> None:
     name cannot be overwritten. It is still a rename (readers watching for moved-in files see it). Where the
     call or the filesystem lacks it, a check before os.replace leaves only a very narrow window.
     """
-    fn = _libc_renameat2()
+    fn = _libc("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     if fn is not None:
         rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
         if rc == 0:
