@@ -342,6 +342,20 @@ def test_an_override_file_sets_the_values_that_go_out(site: Site, cli: Callable[
     assert not course.exists()  # sources deleted: the override files went with the folder
 
 
+def test_an_override_stays_while_its_folder_still_holds_something_else(
+    site: Site, cli: Callable[..., CliResult]
+) -> None:
+    site.write_config(extra='[input]\non_success = "delete"\n')
+    case = site.inbox / "case12"
+    drop_series(case)
+    (case / "anondrop.toml").write_text('PatientName = "Case 12"\n')
+    (case / "IM0099.dcm.part").write_bytes(b"still being copied")  # ignored, not yet a source
+    res = once(site, cli)
+    assert res.returncode == 0, res.stderr
+    assert {str(ds.PatientName) for ds in datasets(site.outputs()[0])} == {"Case 12"}
+    assert sorted(p.name for p in case.iterdir()) == ["IM0099.dcm.part", "anondrop.toml"]
+
+
 def test_an_invalid_override_sends_the_drop_to_quarantine(site: Site, cli: Callable[..., CliResult]) -> None:
     drop_series(site.inbox / "case1")
     (site.inbox / "case1" / "anondrop.toml").write_text('PatientName = "Case 1"\nPatientBirthDate = "19610314"\n')
