@@ -28,13 +28,13 @@ from anondrop.pipeline import (
     _rel,
     dispose,
     make_keys,
-    make_routes,
     open_crosswalk,
     process_series,
     prune_empty_dirs,
     take_inventory,
 )
 from anondrop.quarantine import QuarantineReason, quarantine_files
+from anondrop.routes import build_routes
 
 log = logging.getLogger("anondrop")
 
@@ -51,7 +51,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     if removed:
         log.info("removed %d unfinished temporary file(s) from an earlier run", removed)
     journal = Journal(cfg.paths.state / "journal.sqlite")
-    routes, keys = make_routes(cfg), make_keys(cfg)
+    routes, keys = build_routes(cfg), make_keys(cfg)
     cross = open_crosswalk(cfg)
     workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
     series_pool = ThreadPoolExecutor(2, thread_name_prefix="series")
@@ -61,7 +61,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
             # Uploads (earlier runs' pending ones too) go on while the next series are de-identified.
             courier = Courier(cfg, journal, lambda released: dispose_released(cfg, released))
             _tally(courier.poll(), summary)
-        inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary, workers)
+        inv = take_inventory(cfg, [cfg.paths.inbox], cfg.paths.inbox, summary, workers, routes.match_tags)
         # Named from each ZIP's stat: taken now, as a confirmation may dispose of a container during the run.
         unpacked = {c: unpack_dir(cfg.paths.state, c) for c in inv.containers}
         ctx = Context(cfg, routes, keys, journal, cfg.paths.outbox, cfg.paths.inbox, crosswalk=cross)
@@ -153,11 +153,11 @@ def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactor
     """Ad hoc: de-identify a file or folder into ZIPs under `out`; the source and the inbox stay untouched."""
     summary = Summary()
     out.mkdir(parents=True, exist_ok=True)
-    routes, keys = make_routes(cfg), make_keys(cfg)
+    routes, keys = build_routes(cfg), make_keys(cfg)
     workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
     try:
         base = source if source.is_dir() else source.parent
-        inv = take_inventory(cfg, [source], base, summary, workers)
+        inv = take_inventory(cfg, [source], base, summary, workers, routes.match_tags)
         ctx = Context(cfg, routes, keys, None, out, base, dispose=False)
         for bad in inv.bad + inv.rejected_containers:
             summary.quarantined[bad.code] += 1

@@ -154,10 +154,10 @@ def check_config(
     all_rows: Annotated[bool, typer.Option("--all", help="List every attribute's action.")] = False,
 ) -> None:
     """Validate the config and print the effective policy."""
-    from anondrop.pipeline import make_routes
+    from anondrop.routes import build_routes
 
     cfg = _load(config)
-    routes = make_routes(cfg)
+    routes = build_routes(cfg)
     policy = routes.lanes[-1].policy
     out.print(f"config: {cfg.source}", highlight=False)
     for key in ("inbox", "outbox", "quarantine", "state", "done"):

@@ -19,6 +19,7 @@ import re
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,7 @@ def _parse(component: str, what: str) -> tuple[_Piece, ...]:
     return tuple(pieces)
 
 
+@lru_cache(maxsize=64)  # templates are rendered once per instance; parse each once
 def _split(template: str, what: str) -> tuple[tuple[_Piece, ...], ...]:
     if template.startswith("/"):
         raise TemplateError(f"{what}: the template is relative to the outbox; remove the leading '/'")
@@ -219,9 +221,7 @@ def _render(pieces: Iterable[_Piece], values: Mapping[str, str]) -> str:
         if piece.field == FOLDERS_FLAT:
             out.append(format(value, piece.spec))  # already made of safe names
             continue
-        rendered = _render_value(value, piece.spec)
-        out.append(safe_name(rendered, FALLBACK.get(piece.field, "NA")) if rendered.strip() else
-                   FALLBACK.get(piece.field, "NA"))
+        out.append(safe_name(_render_value(value, piece.spec), FALLBACK.get(piece.field, "NA")))
     return "".join(out)
 
 
@@ -250,9 +250,9 @@ class Namer:
         levels[-1] = name
         return PurePosixPath(*levels)
 
-    def entry(self, values: Mapping[str, str], index: int, route: str) -> str:
+    def entry(self, values: Mapping[str, str], index: int) -> str:
         (comp,) = _split(self.naming.entry, "naming.entry")
-        return _render(comp, {**values, INDEX: str(index), ROUTE: route})
+        return _render(comp, {**values, INDEX: str(index)})
 
 
 def unique_entry(name: str, taken: set[str]) -> str:
@@ -270,8 +270,8 @@ def unique_entry(name: str, taken: set[str]) -> str:
         n += 1
 
 
-def source_folder(rel: str, base: Iterable[str] = ()) -> tuple[str, ...]:
-    """The folder levels of one source file, relative to the inbox minus a route's folder.
+def source_folder(rel: str) -> tuple[str, ...]:
+    """The folder levels of one source file, relative to the inbox.
 
     A member of an inbox ZIP (``A/B/x.zip!C/f.dcm``) sits in A/B/x/C: the ZIP counts as a folder level.
     """
@@ -280,24 +280,17 @@ def source_folder(rel: str, base: Iterable[str] = ()) -> tuple[str, ...]:
     if bang:
         parts.append(PurePosixPath(outer).stem)
         parts += PurePosixPath(inner).parent.parts
-    base = tuple(base)
-    if tuple(parts[: len(base)]) == base:
-        parts = parts[len(base) :]
     return tuple(p for p in parts if p not in ("", "."))
 
 
 def common_folder(folders: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
     """The deepest folder holding every file of a series (a series may span folders)."""
-    common: tuple[str, ...] | None = None
-    for parts in folders:
-        if common is None:
-            common = parts
-            continue
-        n = 0
-        while n < min(len(common), len(parts)) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    return common or ()
+    common: list[str] = []
+    for level in zip(*folders, strict=False):  # folders of unequal depth: up to the shallowest
+        if any(name != level[0] for name in level):
+            break
+        common.append(level[0])
+    return tuple(common)
 
 
 def as_path(outbox: Path, rel: PurePosixPath) -> Path:

@@ -43,7 +43,7 @@ from anondrop.journal import Journal
 from anondrop.naming import Namer, as_path, folder_levels, unique_entry
 from anondrop.package import SeriesZip, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
-from anondrop.routes import Lane, RouteTable, build_routes
+from anondrop.routes import Lane, RouteTable
 from anondrop.sitekey import load_or_create
 
 if TYPE_CHECKING:  # the crosswalk (and cryptography) is imported only where it is switched on
@@ -291,10 +291,6 @@ def make_keys(cfg: Config) -> Keys:
     )
 
 
-def make_routes(cfg: Config) -> RouteTable:
-    return build_routes(cfg)
-
-
 def open_crosswalk(cfg: Config) -> Crosswalk | None:
     cw = cfg.crosswalk
     if not cw.enabled:
@@ -306,8 +302,10 @@ def open_crosswalk(cfg: Config) -> Crosswalk | None:
 
 # -- inventory --------------------------------------------------------------------------------------------
 def take_inventory(
-    cfg: Config, roots: list[Path], base: Path, summary: Summary, workers: Workers | None = None
+    cfg: Config, roots: list[Path], base: Path, summary: Summary, workers: Workers | None = None,
+    extra: tuple[int, ...] = (),
 ) -> Inventory:
+    """`extra`: tags the routes match on (RouteTable.match_tags), read from every file."""
     inv = Inventory()
     limits = containers.ZipLimits(
         max_entries=cfg.input.max_zip_entries,
@@ -333,7 +331,6 @@ def take_inventory(
                 todo += [(m, f"{rel}!{m.relative_to(dest)}", path) for m in members]
                 continue
             todo.append((path, rel, None))
-    extra = build_routes(cfg).match_tags
     infos = (
         workers.read_infos(todo, extra) if workers is not None else [read_info(*item, extra) for item in todo]
     )
@@ -374,7 +371,6 @@ class SeriesOutcome:
     patient: str = ""  # de-identified PatientID and Study Instance UID, for the journal
     study: str = ""
     destinations: tuple[str, ...] = ()  # the route's; () means the outbox alone
-    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -447,7 +443,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     series_values: dict[str, str] = {}
 
     def entry_name(values: dict[str, str]) -> str:
-        name = unique_entry(namer.entry({**series_values, **values}, len(entry_names) + 1, lane.name), taken)
+        name = unique_entry(namer.entry({**series_values, **values}, len(entry_names) + 1), taken)
         taken.add(name)
         entry_names.append(name)
         return name
@@ -559,7 +555,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             _quarantine(ctx, [f], QuarantineReason(code, message, first.series_uid), summary)
         return SeriesOutcome(
             "delivered", final, written + dupes, first.series_uid, patient=first.patient_id, study=first.study_uid,
-            destinations=lane.destinations, route=lane.name,
+            destinations=lane.destinations,
         )
     finally:
         if zipw is not None:

@@ -68,7 +68,6 @@ class Lane:
 class RouteTable:
     def __init__(self, lanes: Sequence[Lane]) -> None:
         self.lanes = tuple(lanes)
-        self.by_name = {lane.name: lane for lane in self.lanes}
 
     @property
     def match_tags(self) -> tuple[int, ...]:

@@ -50,12 +50,12 @@ from anondrop.pipeline import (
     Workers,
     _quarantine,
     make_keys,
-    make_routes,
     open_crosswalk,
     process_series,
     prune_empty_dirs,
 )
 from anondrop.quarantine import QuarantineReason, quarantine_files
+from anondrop.routes import build_routes
 
 log = logging.getLogger("anondrop")
 
@@ -104,7 +104,7 @@ class Service:
             Rules(cfg.watch.stable_seconds, cfg.completion.settle_seconds, cfg.completion.max_wait_seconds)
         )
         self.journal = Journal(cfg.paths.state / "journal.sqlite")
-        self.routes, self.keys = make_routes(cfg), make_keys(cfg)
+        self.routes, self.keys = build_routes(cfg), make_keys(cfg)
         self.match_tags = self.routes.match_tags
         self.crosswalk = open_crosswalk(cfg)
         self.workers = Workers(cfg.processing.worker_count(), self.routes.policies, self.keys)

@@ -39,10 +39,6 @@ class OverrideError(Exception):
 @dataclass(frozen=True)
 class Overrides:
     values: tuple[tuple[str, str], ...] = ()  # (keyword, value)
-    files: tuple[Path, ...] = ()  # the files read, nearest first
-
-    def __bool__(self) -> bool:
-        return bool(self.values)
 
     def by_tag(self) -> dict[int, tuple[str, str]]:
         """tag -> (VR, value), as the engine takes them."""
@@ -52,9 +48,6 @@ class Overrides:
             assert tag is not None
             out[int(tag)] = (ALLOWED[kw][0], value)
         return out
-
-    def get(self, keyword: str) -> str | None:
-        return dict(self.values).get(keyword)
 
 
 def _check(keyword: str, value: object, where: str) -> str:
@@ -110,7 +103,6 @@ def chain(folder: Path, stop: Path) -> list[Path]:
 def collect(folders: Iterable[Path]) -> Overrides:
     """Read anondrop.toml in each folder (nearest first); a nearer file's key wins."""
     merged: dict[str, str] = {}
-    read: list[Path] = []
     for depth, folder in enumerate(folders):
         path = folder / OVERRIDE_NAME
         if not path.is_file():
@@ -118,5 +110,4 @@ def collect(folders: Iterable[Path]) -> Overrides:
         label = f"{OVERRIDE_NAME} {depth} level(s) above the series" if depth else f"{OVERRIDE_NAME} of the series"
         for key, value in read_file(path, label).items():
             merged.setdefault(key, value)
-        read.append(path)
-    return Overrides(tuple(sorted(merged.items())), tuple(read))
+    return Overrides(tuple(sorted(merged.items())))

@@ -92,11 +92,15 @@ def walk(root: Path, patterns: list[str]) -> Iterator[Path]:
                     yield path
 
 
-def _read_grouping(path: Path, force: bool, extra: tuple[int, ...] = ()) -> Dataset:
+def _last_tag(extra: tuple[int, ...]) -> int:
     # Elements are stored in tag order and the grouping UIDs all sit in groups 0008 and 0020: stop there
     # (or after the last attribute a route matches on) instead of parsing the rest of the header; the
     # de-identification pass reads it anyway. The pixel data is never read.
-    last = min(max((0x00200013, *extra)), 0x7FE0000F)
+    return min(max((0x00200013, *extra)), 0x7FE0000F)
+
+
+def _read_grouping(path: Path, force: bool, extra: tuple[int, ...] = ()) -> Dataset:
+    last = _last_tag(extra)
 
     def past(tag: BaseTag, vr: str | None, length: int) -> bool:
         return int(tag) > last
@@ -196,9 +200,8 @@ def read_info(path: Path, rel: str, container: Path | None = None, extra: tuple[
         st = path.stat()
     except OSError as exc:
         return BadFile(path, rel, "unreadable", f"cannot read the file: {exc.strerror}", container)
-    last = min(max((0x00200013, *extra)), 0x7FE0000F)
     try:
-        quick = _quick_values(path, last, frozenset((*_GROUPING_TAGS, *extra)))
+        quick = _quick_values(path, _last_tag(extra), frozenset((*_GROUPING_TAGS, *extra)))
     except OSError:
         quick = None  # pydicom's read below says what the problem is
     if quick is not None:
