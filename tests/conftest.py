@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,23 @@ def sample(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, f"pydicom test file {name} not found"
     return Path(str(path))
+
+
+@cache
+def sample_files() -> tuple[Path, ...]:
+    """Every sample file there is: pydicom's bundled test files, pydicom-data's and deid-data's.
+
+    Listed from their folders: pydicom's get_testdata_files("*") gives the same first two sets, but first
+    tries to download the files neither package holds, which costs seconds (or a timeout) per call.
+    """
+    import data_store  # pydicom-data
+    import deid_data
+    import pydicom.data
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"]
+    files = [p for root in roots for p in sorted(root.iterdir()) if p.is_file()]
+    files += [p for p in sorted(Path(deid_data.__file__).parent.rglob("*")) if p.suffix in ("", ".dcm")]
+    return tuple(f for f in files if f.is_file() and f.stat().st_size > 0)
 
 
 def write_instances(

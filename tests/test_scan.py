@@ -9,25 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydicom.data import get_testdata_files
 
 from anondrop.ingest import scan
-from tests.conftest import sample
+from tests.conftest import sample, sample_files
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the odd sample files
 ROUTE_TAGS = (0x00080060, 0x00080070, 0x00081010)  # Modality, Manufacturer, StationName
 
 
-def _sample_files() -> list[Path]:
-    import deid_data
-
-    files = [Path(p) for p in get_testdata_files("*")]
-    files += [p for p in Path(deid_data.__file__).parent.rglob("*") if p.suffix in ("", ".dcm")]
-    return [f for f in files if f.is_file() and f.stat().st_size > 0]
-
-
 def test_the_quick_reader_places_every_sample_file_as_pydicom_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    files = _sample_files()
+    files = sample_files()
     quick = [scan.read_info(f, f.name, None, ROUTE_TAGS) for f in files]
     monkeypatch.setattr(scan, "_quick_values", lambda *a, **k: None)
     slow = [scan.read_info(f, f.name, None, ROUTE_TAGS) for f in files]

@@ -10,7 +10,7 @@ import datetime as dt
 import re
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
@@ -66,6 +66,28 @@ TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
 STRING_VRS = TEXT_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "PN", "TM", "UI", "UR"}
 LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT", "OD", "OF", "OL", "OV"})
+
+# Coded values are controlled terminology, not free text: kept inside dummied sequences.
+CODE_TAGS = frozenset(
+    int(t)
+    for k in (
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "CodingSchemeVersion",
+        "CodeMeaning",
+        "LongCodeValue",
+        "URNCodeValue",
+        "ContextIdentifier",
+        "MappingResource",
+        "ContextGroupExtensionCreatorUID",
+        "ValueType",
+        "RelationshipType",
+        "ContinuityOfContent",
+        "TemplateIdentifier",
+        "MappingResourceName",
+    )
+    if (t := tag_for_keyword(k)) is not None
+)
 
 DICOM_UID_ROOT = "1.2.840.10008."
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data

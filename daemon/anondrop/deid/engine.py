@@ -50,8 +50,9 @@ from pydicom.uid import (
 from pydicom.valuerep import PersonName
 
 from anondrop import __version__
-from anondrop.deid import _ps315
+from anondrop.deid import _ps315, rawwalk
 from anondrop.deid.actions import (
+    CODE_TAGS,
     DUMMY_TEXT,
     FREE_TEXT_DATES,
     LONG_HEADER_VRS,
@@ -87,27 +88,6 @@ from anondrop.deid.pseudonyms import Keys
 DEFER_SIZE = 2048
 _ASCII_ONLY_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "DS", "IS"})
 SCRUB = "S"  # internal: keep free text but replace identifiers of the series inside it
-# Coded values are controlled terminology, not free text: kept inside dummied sequences.
-CODE_TAGS = frozenset(
-    int(t)
-    for k in (
-        "CodeValue",
-        "CodingSchemeDesignator",
-        "CodingSchemeVersion",
-        "CodeMeaning",
-        "LongCodeValue",
-        "URNCodeValue",
-        "ContextIdentifier",
-        "MappingResource",
-        "ContextGroupExtensionCreatorUID",
-        "ValueType",
-        "RelationshipType",
-        "ContinuityOfContent",
-        "TemplateIdentifier",
-        "MappingResourceName",
-    )
-    if (t := tag_for_keyword(k)) is not None
-)
 META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 # PS3.5 B.2 UUID-derived UID naming this implementation (fixed, not per site).
 IMPLEMENTATION_CLASS_UID = "2.25.186104856725366407405263573478591476530"
@@ -137,6 +117,9 @@ _TAGS = {kw: _kw_tag(kw) for kw in (
 )}
 
 
+_TAG_INTS = {kw: int(tag) for kw, tag in _TAGS.items()}
+
+
 def plain(ds: Dataset, keyword: str) -> str:
     """A text value by keyword, read from its raw bytes when undecoded (pydicom's conversion is slow).
 
@@ -154,8 +137,12 @@ def plain_tag(ds: Dataset, tag: BaseTag) -> str:
             value = ds[tag].value
             return "" if value is None else str(value).strip(" \0")
         return elem.value.decode("latin-1").strip(" \0")
-    value = elem.value
-    if isinstance(value, MultiValue):
+    return plain_value(elem.value)
+
+
+def plain_value(value: object) -> str:
+    """plain_tag of a decoded value: several values joined by backslashes, one value stripped."""
+    if isinstance(value, (MultiValue, list)):
         return "\\".join(str(v) for v in value)
     return "" if value is None else str(value).strip(" \0")
 
@@ -235,15 +222,19 @@ def patient_identity(ds: Dataset) -> tuple[str, str]:
     Without a PatientID the name and birth date stand in; without those the study does, so that unknown
     patients are never merged into one pseudonym.
     """
-    pid = plain(ds, "PatientID")
-    issuer = plain(ds, "IssuerOfPatientID")
+    return _patient_identity(lambda kw: plain(ds, kw))
+
+
+def _patient_identity(get: Callable[[str], str]) -> tuple[str, str]:
+    pid = get("PatientID")
+    issuer = get("IssuerOfPatientID")
     if pid:
         return pid, issuer
-    name = plain(ds, "PatientName")
-    birth = plain(ds, "PatientBirthDate")
+    name = get("PatientName")
+    birth = get("PatientBirthDate")
     if name:
         return f"name:{name}:{birth}", issuer
-    return f"study:{plain(ds, 'StudyInstanceUID')}", issuer
+    return f"study:{get('StudyInstanceUID')}", issuer
 
 
 class _Walker:
@@ -468,23 +459,30 @@ def _no_fill(ds: Dataset, t: int) -> None:
     return None
 
 
+_GROUPING_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
+
+
 def _check_uids(ds: Dataset) -> None:
-    for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+    for kw in _GROUPING_UIDS:
         if not plain(ds, kw):
             raise MissingUID(f"the file has no {kw}; it cannot be placed in a series")
 
 
 def burned_in_verdict(ds: Dataset, policy: Policy) -> str | None:
     """Why this instance may show the patient's identity in its pixels, or None."""
-    burned = plain(ds, "BurnedInAnnotation").upper()
+    return _burned_in(lambda kw: plain(ds, kw), policy)
+
+
+def _burned_in(get: Callable[[str], str], policy: Policy) -> str | None:
+    burned = get("BurnedInAnnotation").upper()
     if burned == "YES":
         return "BurnedInAnnotation is YES: the pixels show identifying text"
     if policy.burned_in_suspect != "quarantine":
         return None
     if burned == "NO":
         return None  # the producer states there is none
-    modality = plain(ds, "Modality").upper()
-    sop_class = plain(ds, "SOPClassUID")
+    modality = get("Modality").upper()
+    sop_class = get("SOPClassUID")
     if modality in BURNED_IN_SUSPECT_MODALITIES:
         return f"modality {modality} often carries burned-in text and BurnedInAnnotation does not say NO"
     if sop_class.startswith(BURNED_IN_SUSPECT_SOP_PREFIXES):
@@ -533,23 +531,28 @@ def _mark(ds: Dataset, policy: Policy, shared: bool) -> None:
 
 
 def _report(ds: Dataset, counts: Counter[str], burned: str | None, policy: Policy) -> Report:
-    number = plain(ds, "InstanceNumber")
+    return _make_report(lambda tag: plain_tag(ds, BaseTag(tag)), counts, burned, policy)
+
+
+def _make_report(get: Callable[[int], str], counts: Counter[str], burned: str | None, policy: Policy) -> Report:
+    """The report from the output's values; get(tag) gives one as `plain_tag` does."""
+    number = get(_TAG_INTS["InstanceNumber"])
     try:
         inst = int(number) if number else None
     except ValueError:
         inst = None
     return Report(
-        sop_class_uid=plain(ds, "SOPClassUID"),
-        sop_instance_uid=plain(ds, "SOPInstanceUID"),
-        study_uid=plain(ds, "StudyInstanceUID"),
-        series_uid=plain(ds, "SeriesInstanceUID"),
-        patient_id=plain(ds, "PatientID"),
-        modality=plain(ds, "Modality"),
-        series_number=plain(ds, "SeriesNumber"),
+        sop_class_uid=get(_TAG_INTS["SOPClassUID"]),
+        sop_instance_uid=get(_TAG_INTS["SOPInstanceUID"]),
+        study_uid=get(_TAG_INTS["StudyInstanceUID"]),
+        series_uid=get(_TAG_INTS["SeriesInstanceUID"]),
+        patient_id=get(_TAG_INTS["PatientID"]),
+        modality=get(_TAG_INTS["Modality"]),
+        series_number=get(_TAG_INTS["SeriesNumber"]),
         instance_number=inst,
         burned_in=burned,
         counts=counts,
-        values={kw: plain_tag(ds, BaseTag(tag)) for kw, tag in policy.report_tags},
+        values={kw: get(tag) for kw, tag in policy.report_tags},
     )
 
 
@@ -632,7 +635,105 @@ def deidentify_bytes(
 
     `identifiers` are the series' identifiers (the union over its files); without them the file's own are
     used. A non-empty `Result.hits` means the output must not leave: the caller quarantines the series.
+
+    The raw walker (rawwalk) handles what real archives hold; whatever it declines goes through pydicom.
     """
+    try:
+        return _deidentify_raw(data, policy, keys, identifiers, overrides)
+    except rawwalk.Decline:
+        pass
+    return _deidentify_pydicom(data, policy, keys, identifiers, overrides)
+
+
+def _deidentify_raw(
+    data: bytes, policy: Policy, keys: Keys, identifiers: Identifiers | None, overrides: Overrides | None,
+) -> Result:
+    """deidentify_bytes by the raw walker; raises rawwalk.Decline for anything it does not cover."""
+    parsed = rawwalk.parse(data)
+
+    def get(keyword: str) -> str:
+        return parsed.plain(_TAG_INTS[keyword])
+
+    if any(not get(kw) for kw in _GROUPING_UIDS):
+        raise rawwalk.Decline("a grouping UID is missing")  # the pydicom walker names which
+    _check_native_pixels_raw(parsed, get)
+    ids = identifiers if identifiers is not None else rawwalk.collect(parsed, policy)
+    source = (get("PatientID"), get("IssuerOfPatientID"), get("AccessionNumber"))
+    burned = _burned_in(get, policy)
+    view = memoryview(data)
+    out, changed, counts = rawwalk.walk(parsed, view, policy, keys, ids, _patient_identity(get), overrides)
+    marks = _marks(policy)
+    mark_bytes = _mark_bytes(policy, parsed.implicit, None)
+    for tag, elem in marks.items():
+        out[tag] = mark_bytes[id(elem)]
+        changed[tag] = elem.value
+
+    def get_out(tag: int) -> str:
+        if tag in changed:
+            return plain_value(changed[tag])
+        if tag not in out:
+            return ""
+        return parsed.plain(tag)
+
+    sop_class, sop_instance = get_out(_TAG_INTS["SOPClassUID"]), get_out(_TAG_INTS["SOPInstanceUID"])
+    if not (sop_class.isascii() and sop_instance.isascii()):
+        raise rawwalk.Decline("a non-ASCII SOP UID")
+    report = _make_report(get_out, counts, burned, policy)
+    head = b"\0" * 128 + b"DICM" + _encode_meta(sop_class, sop_instance, parsed.ts)
+    parts: list[bytes | memoryview] = [head]
+    gate_parts: list[bytes | memoryview] = [head]
+    pixel_bytes = 0
+    pos = len(head)
+    pixel_in: tuple[int, int] | None = None
+    pixel_out: tuple[int, int] | None = None
+    for tag in sorted(out):
+        chunk = out[tag]
+        parts.append(chunk)
+        if tag in PIXEL_TAGS:
+            pixel_bytes += len(chunk)
+            if tag == 0x7FE00010:
+                el = parsed.top[tag]
+                pixel_in, pixel_out = (el.start, el.end), (pos, pos + len(chunk))
+        else:
+            gate_parts.append(chunk)
+        pos += len(chunk)
+    header = b"".join(gate_parts)
+    hits = scan_bytes(header, ids, "")
+    return Result(
+        b"".join(parts), report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids,
+        pixel_in=pixel_in, pixel_out=pixel_out, source=source,
+    )
+
+
+def _check_native_pixels_raw(parsed: rawwalk.Parsed, get: Callable[[str], str]) -> None:
+    """_check_native_pixels for the raw walker: pixel data too short for the image is declined, so that the
+    pydicom walker reports the truncation."""
+    el = parsed.top.get(0x7FE00010)
+    if el is None or el.undefined:
+        return
+    try:
+        frames = int(get("NumberOfFrames") or 1)
+    except ValueError:
+        raise rawwalk.Decline("NumberOfFrames is not a number") from None
+
+    def unsigned(keyword: str, default: int) -> int:
+        elem = parsed.top.get(_TAG_INTS[keyword])
+        if elem is None or elem.items is not None or elem.vend - elem.vstart < 2:
+            return default
+        return int.from_bytes(parsed.value(elem)[:2], "little")
+
+    need = (
+        unsigned("Rows", 0) * unsigned("Columns", 0) * unsigned("SamplesPerPixel", 1) * frames
+        * unsigned("BitsAllocated", 0) // 8
+    )
+    if el.vend - el.vstart < need:
+        raise rawwalk.Decline("pixel data shorter than the image")
+
+
+def _deidentify_pydicom(
+    data: bytes, policy: Policy, keys: Keys, identifiers: Identifiers | None, overrides: Overrides | None,
+) -> Result:
+    """deidentify_bytes by pydicom: any encoding, and the reference the raw walker is tested against."""
     ds = read_header(data)
     meta = getattr(ds, "file_meta", None)
     ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
@@ -790,9 +891,13 @@ def _meta_bytes(old: FileMetaDataset | None, ds: Dataset, ts: str) -> bytes | No
     """File meta (PS3.10 7.1) encoded directly; None when the input carries other meta elements to keep."""
     if old is not None and any(int(t) not in _META_STANDARD and int(t) not in META_REMOVE for t in old.keys()):
         return None
+    return _encode_meta(plain(ds, "SOPClassUID"), plain(ds, "SOPInstanceUID"), ts)
+
+
+def _encode_meta(sop_class: str, sop_instance: str, ts: str) -> bytes:
     values = [
-        (0x00020002, "UI", plain(ds, "SOPClassUID")),
-        (0x00020003, "UI", plain(ds, "SOPInstanceUID")),
+        (0x00020002, "UI", sop_class),
+        (0x00020003, "UI", sop_instance),
         (0x00020010, "UI", ts),
         (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
         (0x00020013, "SH", IMPLEMENTATION_VERSION),
