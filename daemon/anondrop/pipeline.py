@@ -106,22 +106,26 @@ class FileOutcome:
 
 
 def _pack(res: engine.Result) -> Packed:
-    out = res.data
-    parts: list[bytes | tuple[int, int]] = [out]
-    if res.pixel_in is not None and res.pixel_out is not None and res.pixel_out[1] - res.pixel_out[0] >= _SPAN_MIN:
-        (in_start, in_end), (out_start, out_end) = res.pixel_in, res.pixel_out
-        parts = [out[:out_start], (in_start, in_end - in_start), out[out_end:]]
-    return Packed(
-        parts,
-        len(out),
-        zlib.crc32(out),
-        hashlib.sha256(out).hexdigest(),
-        res.report,
-        res.hits,
-        res.identifiers,
-        res.header,
-        res.source,
-    )
+    """Size, CRC-32 and SHA-256 over the output's parts; a large unchanged pixel span becomes a reference
+    into the source file instead of bytes (the packager copies it from there)."""
+    span = res.pixel_in
+    if res.pixel_out is None or res.pixel_out[1] - res.pixel_out[0] < _SPAN_MIN:
+        span = None
+    crc, sha, pos = 0, hashlib.sha256(), 0
+    parts: list[bytes | tuple[int, int]] = []
+    pending: list[bytes | memoryview] = []
+    for part in res.parts:
+        crc = zlib.crc32(part, crc)
+        sha.update(part)
+        if span is not None and (pos, pos + len(part)) == res.pixel_out:
+            parts += [b"".join(pending), (span[0], span[1] - span[0])]
+            pending = []
+        else:
+            pending.append(part)
+        pos += len(part)
+    if pending or not parts:
+        parts.append(b"".join(pending))
+    return Packed(parts, pos, crc, sha.hexdigest(), res.report, res.hits, res.identifiers, res.header, res.source)
 
 
 Job = tuple[str, dict[int, tuple[str, str]], list[tuple[int, str]]]  # (route, overrides, [(index, path)])

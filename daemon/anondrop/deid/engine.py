@@ -28,6 +28,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from io import BytesIO
 
 from pydicom import Dataset, dcmread, dcmwrite
@@ -201,7 +202,7 @@ class Report:
 
 @dataclass
 class Result:
-    data: bytes
+    parts: list[bytes | memoryview]  # the output file, in order (views of the input where it is unchanged)
     report: Report
     hits: list[GateHit]
     pixel_bytes: int = 0
@@ -214,6 +215,11 @@ class Result:
     # (PatientID, IssuerOfPatientID, AccessionNumber) of the input, for the re-identification crosswalk only:
     # never logged, never written anywhere but the encrypted crosswalk.
     source: tuple[str, str, str] = ("", "", "")
+
+    @cached_property
+    def data(self) -> bytes:
+        """The output file as one bytes object."""
+        return b"".join(self.parts)
 
 
 def patient_identity(ds: Dataset) -> tuple[str, str]:
@@ -700,7 +706,7 @@ def _deidentify_raw(
     header = b"".join(gate_parts)
     hits = scan_bytes(header, ids, "")
     return Result(
-        b"".join(parts), report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids,
+        parts, report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids,
         pixel_in=pixel_in, pixel_out=pixel_out, source=source,
     )
 
@@ -772,7 +778,7 @@ def _deidentify_pydicom(
         dcmwrite(buf, ds, enforce_file_format=True)
         out = buf.getvalue()
         hits = scan_bytes(out, ids, "")
-        return Result(out, report, hits, pixel_bytes=0, header=out, identifiers=ids, source=source)
+        return Result([out], report, hits, pixel_bytes=0, header=out, identifiers=ids, source=source)
 
     head = _meta_bytes(meta, ds, ts)
     if head is None:  # unusual meta elements to carry over: let pydicom encode the meta
@@ -822,8 +828,12 @@ def _deidentify_pydicom(
     out = b"".join(parts)
     header = b"".join(gate_parts)
     hits = scan_bytes(header, ids, "")
+    pieces: list[bytes | memoryview] = [out]
+    if pixel_out is not None:  # the pixel data as a part of its own, as the raw walker gives it
+        view = memoryview(out)
+        pieces = [view[: pixel_out[0]], view[pixel_out[0] : pixel_out[1]], view[pixel_out[1] :]]
     return Result(
-        out, report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids, pixel_in=pixel_in,
+        pieces, report, hits, pixel_bytes=pixel_bytes, header=header, identifiers=ids, pixel_in=pixel_in,
         pixel_out=pixel_out, source=source,
     )
 
