@@ -445,3 +445,35 @@ def test_the_gate_fast_check_agrees_with_the_full_search(
     text = {"upper": text.upper(), "lower": text.lower(), "title": text.title()}[case]
     data = filler + (before + text + after).encode("utf-8") + filler
     assert ids.contains(data) == (next(ids.find(data), None) is not None)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mine=st.lists(st.sampled_from(range(6)), max_size=6),
+    plant=st.sampled_from(range(7)),
+    case=st.sampled_from(["upper", "lower", "title"]),
+    before=_NEIGHBOURS,
+    after=_NEIGHBOURS,
+    filler=st.binary(max_size=200),
+)
+def test_the_series_cross_check_asks_only_for_the_other_files_identifiers(
+    mine: list[int], plant: int, case: str, before: str, after: str, filler: bytes
+) -> None:
+    """A file's output is searched for the identifiers of the rest of its series: those of the series that
+    the file does not hold itself. contains_beyond answers that without building the difference, and must
+    answer it exactly as the difference's contains() does."""
+    values = [("PatientName", "HOLLOWAY^MARGARET"), ("OtherPatientIDs", "MRN-0042-77"),
+              ("StudyDate", "20240311"), ("SOPInstanceUID", "1.2.826.0.1.3680043.8.498.77"),
+              ("InstitutionName", "Klinikum Nordstadt Süd"), ("AccessionNumber", "ACC99812")]
+    texts = ["HOLLOWAY", "MRN-0042-77", "11.03.2024", "1.2.826.0.1.3680043.8.498.77", "Nordstadt Süd",
+             "ACC99812", ""]
+    series, own = Dataset(), Dataset()
+    for i, (keyword, value) in enumerate(values):
+        setattr(series, keyword, value)
+        if i in mine:
+            setattr(own, keyword, value)
+    policy = build_policy()
+    ids, own_ids = collect_identifiers(series, policy), collect_identifiers(own, policy)
+    text = {"upper": texts[plant].upper(), "lower": texts[plant].lower(), "title": texts[plant].title()}[case]
+    data = filler + (before + text + after).encode("utf-8") + filler
+    assert ids.contains_beyond(data, own_ids) == ids.minus(own_ids).contains(data)

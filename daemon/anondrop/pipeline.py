@@ -435,7 +435,6 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     first: engine.Report | None = None
     rel_out: PurePosixPath | None = None
     folders: list[tuple[int, str]] = []
-    ids = Identifiers()
     headers: list[tuple[bytes, Identifiers]] = []
     bad: list[tuple[FileInfo, str, str]] = []
     burned: str | None = None
@@ -469,7 +468,6 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 hits.extend(GateHit(f"instance {len(written) + 1}: {h.where}", h.kind) for h in res.hits)
             if burned or hits:
                 continue  # the series will not go out; keep reading only to account for every file
-            ids = ids.merge(res.identifiers)
             headers.append((zlib.compress(res.header, 1), res.identifiers))
             if zipw is None:
                 first = res.report
@@ -503,6 +501,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             name = entry_name(res.report.values)
             zipw.add_stream(name, _stream(f.path, res.parts), size=res.size, crc=res.crc, sha256=res.sha256)
             written.append(f)
+        ids = Identifiers.union(own for _blob, own in headers)
         if carried is not None and zipw is not None and not burned and not hits:
             carried.copy_before(zipw, None, entry_name)
             hits.extend(carried.gate(ids))
@@ -511,9 +510,9 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             # Each worker already searched its file for the file's own identifiers; what is left is
             # the rest of the series' (other instances' UIDs, another file's dates).
             for i, (blob, own) in enumerate(headers):
-                rest = ids.minus(own)
-                if rest:
-                    hits.extend(scan_bytes(zlib.decompress(blob), rest, f"instance {i + 1}: "))
+                header = zlib.decompress(blob)
+                if ids.contains_beyond(header, own):
+                    hits.extend(scan_bytes(header, ids.minus(own), f"instance {i + 1}: "))
             manifest = _manifest(lane, first, len(entry_names))
             named = _output_names(namer, series_values, lane, rel_out, folders, entry_names, manifest)
             hits.extend(scan_names(named, ids))

@@ -173,6 +173,23 @@ class Identifiers:
             tuple(dict(self.word_kinds + other.word_kinds).items()),
         )
 
+    @staticmethod
+    def union(parts: Iterable[Identifiers]) -> Identifiers:
+        """merge() of many at once (a series' files): one pass instead of a new set per file."""
+        words: set[str] = set()
+        phrases: set[tuple[str, str]] = set()
+        dates: set[str] = set()
+        uids: set[str] = set()
+        kinds: dict[str, str] = {}
+        for p in parts:
+            words |= p.words
+            phrases |= p.phrases
+            dates |= p.dates
+            uids |= p.uids
+            kinds.update(p.word_kinds)
+        return Identifiers(frozenset(words), frozenset(phrases), frozenset(dates), frozenset(uids),
+                           tuple(kinds.items()))
+
     def minus(self, other: Identifiers) -> Identifiers:
         """The identifiers of self that other does not have."""
         words = self.words - other.words
@@ -271,6 +288,29 @@ class Identifiers:
             return False
         keys = self._phrase_keys
         return (keys is None or not keys.isdisjoint(tokens)) and phrases.search(data) is not None
+
+    def contains_beyond(self, data: bytes, own: Identifiers) -> bool:
+        """self.minus(own).contains(data), without building the difference for every file of a series.
+
+        What occurs in data is matched against the whole set first, which is cached once per series;
+        only a match of something `own` does not hold (rare: it is what the cross-check looks for) asks
+        the exact question of the difference.
+        """
+        tokens = set(_TOKEN.findall(data.upper()))
+        words = self._words_bytes & tokens
+        if words and not words <= own._words_bytes:
+            return True
+        if self._date_keys and not self._date_keys.isdisjoint(_DIGITS.findall(data)):
+            forms = self._date_forms.intersection(_DATEISH.findall(data))
+            if forms and not forms <= own._date_forms:
+                return self.minus(own).contains(data)
+        if self._uids_bytes:
+            uids = self._uids_bytes.intersection(_UIDISH.findall(data))
+            if uids and not uids <= own._uids_bytes:
+                return True
+        if self.phrases - own.phrases:
+            return self.minus(own).contains(data)
+        return False
 
     def scrub(self, text: str) -> str:
         """Replace every identifier occurring in free text by [REMOVED] (the clean action for text)."""
