@@ -167,3 +167,16 @@ def test_planted_identifiers_come_out_as_the_pydicom_walker_writes_them(
     ref, got = _both(buf.getvalue(), policy)
     if got is not None:
         assert _differences(ref, got) == []
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm"])
+def test_a_policy_used_then_sent_to_a_worker_still_works(name: str) -> None:
+    """The engine caches encoded marks on the policy; a policy pickled after use (as a worker pool gets it)
+    must carry a cache that still fits, for the raw walker and for pydicom."""
+    import pickle
+
+    policy = build_policy(report_keywords=REPORTED)
+    data = sample(name).read_bytes()
+    before = engine.deidentify_bytes(data, policy, KEYS).data
+    copied = pickle.loads(pickle.dumps(policy))
+    assert engine.deidentify_bytes(data, copied, KEYS).data == before

@@ -671,7 +671,7 @@ def _deidentify_raw(
     marks = _marks(policy)
     mark_bytes = _mark_bytes(policy, parsed.implicit, None)
     for tag, elem in marks.items():
-        out[tag] = mark_bytes[id(elem)]
+        out[tag] = mark_bytes[tag]
         changed[tag] = elem.value
 
     def get_out(tag: int) -> str:
@@ -792,6 +792,7 @@ def _deidentify_pydicom(
     encodings = ds._character_set
     fast_text = _fast_charset(ds, True)
     mark_bytes = _mark_bytes(policy, implicit, encodings)
+    marks = _marks(policy)
     pixel_bytes = 0
     pos = len(parts[0])
     pixel_in: tuple[int, int] | None = None
@@ -802,8 +803,8 @@ def _deidentify_pydicom(
         span = _raw_span(elem, original.get(t), implicit, data)
         if span is not None:
             chunk: bytes | memoryview = view[span[0] : span[1]]
-        elif id(elem) in mark_bytes:
-            chunk = mark_bytes[id(elem)]
+        elif t in mark_bytes and elem is marks.get(t):
+            chunk = mark_bytes[t]
         else:
             if isinstance(elem, RawDataElement) and elem.value is None:
                 fill(ds, t)
@@ -879,16 +880,17 @@ def _encode_simple(elem: DataElement, implicit: bool) -> bytes | None:
 
 
 def _mark_bytes(policy: Policy, implicit: bool, encodings: object) -> dict[int, bytes]:
-    """The marks encoded once per policy and encoding, keyed by the id of the shared element objects."""
+    """The marks encoded once per policy and encoding, by tag. Keyed by tag, not by object: the cache travels
+    with a pickled policy to the workers, where the element objects are new ones."""
     cache: dict[bool, dict[int, bytes]] = getattr(policy, "_mark_bytes", None) or {}
     if implicit not in cache:
         out = {}
-        for elem in _marks(policy).values():
+        for tag, elem in _marks(policy).items():
             fp = DicomBytesIO()
             fp.is_little_endian = True
             fp.is_implicit_VR = implicit
             write_data_element(fp, elem, ["iso8859"])  # ASCII content: the same bytes in any character set
-            out[id(elem)] = fp.getvalue()
+            out[tag] = fp.getvalue()
         cache[implicit] = out
         object.__setattr__(policy, "_mark_bytes", cache)
     return cache[implicit]
