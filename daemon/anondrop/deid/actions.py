@@ -65,6 +65,7 @@ MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT"
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
 STRING_VRS = TEXT_VRS | {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "PN", "TM", "UI", "UR"}
 LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+ASCII_ONLY_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "DS", "IS"})  # values read as ASCII
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT", "OD", "OF", "OL", "OV"})
 
 # Coded values are controlled terminology, not free text: kept inside dummied sequences.

@@ -53,6 +53,7 @@ from pydicom.valuerep import PersonName
 from anondrop import __version__
 from anondrop.deid import _ps315, rawwalk
 from anondrop.deid.actions import (
+    ASCII_ONLY_VRS,
     CODE_TAGS,
     DUMMY_TEXT,
     FREE_TEXT_DATES,
@@ -62,7 +63,6 @@ from anondrop.deid.actions import (
     TEXT_VRS,
     dummy,
     empty,
-    is_well_known_uid,
     raw_item,
     scrub_free_text_dates,
     shift_da,
@@ -71,6 +71,7 @@ from anondrop.deid.actions import (
 )
 from anondrop.deid.gate import GateHit, Identifiers, _fast_charset, collect_identifiers, scan_bytes
 from anondrop.deid.policy import (
+    ACTION_NAMES,
     BURNED_IN_SUSPECT_MODALITIES,
     BURNED_IN_SUSPECT_SOP_PREFIXES,
     CLEAN,
@@ -79,6 +80,7 @@ from anondrop.deid.policy import (
     KEEP,
     PSEUDONYM,
     REMOVE,
+    SCRUB,
     UID,
     Policy,
     is_safe_private,
@@ -87,22 +89,10 @@ from anondrop.deid.policy import (
 from anondrop.deid.pseudonyms import Keys
 
 DEFER_SIZE = 2048
-_ASCII_ONLY_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "DS", "IS"})
-SCRUB = "S"  # internal: keep free text but replace identifiers of the series inside it
 META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 # PS3.5 B.2 UUID-derived UID naming this implementation (fixed, not per site).
 IMPLEMENTATION_CLASS_UID = "2.25.186104856725366407405263573478591476530"
 IMPLEMENTATION_VERSION = f"ANONDROP_{__version__}".replace(".", "")[:16]
-_STR_ACTIONS = {
-    "X": "removed",
-    "Z": "emptied",
-    "D": "dummied",
-    "K": "kept",
-    "C": "cleaned",
-    "U": "uid",
-    "P": "pseudonym",
-    "S": "scrubbed",
-}
 
 
 def _kw_tag(keyword: str) -> BaseTag:
@@ -290,17 +280,6 @@ class _Walker:
         self.fill(ds, t)
         return ds[t]
 
-    def _net(self, vr: str, mode: str, t: int) -> str:
-        """The action for an element Table E.1-1 does not list."""
-        if vr == "PN":
-            return DUMMY
-        if vr == "UI":
-            return KEEP if self.policy.has("retain_uids") else UID
-        if vr in ("DA", "DT"):
-            return {"keep": KEEP, "shift": CLEAN, "remove": EMPTY}[self.policy.date_mode]
-        if vr in TEXT_VRS and t not in CODE_TAGS:
-            return DUMMY if mode == DUMMY else SCRUB
-        return KEEP
 
     def element(
         self, ds: Dataset, t: int, act: str | None, mode: str, top: bool,
@@ -312,7 +291,7 @@ class _Walker:
                 return
         vr = vr_of(raw, t)
         if act is None:
-            act = self._net(vr, mode, t)
+            act = self.policy.net_action(vr, mode, t)
         elif act == KEEP and mode == DUMMY and vr in TEXT_VRS | {"PN"} and t not in CODE_TAGS:
             act = DUMMY
         if act == REMOVE:
@@ -321,7 +300,7 @@ class _Walker:
         if vr == "SQ":
             self._sequence(ds, t, act, mode)
             return
-        self.counts[_STR_ACTIONS.get(act, act)] += 1
+        self.counts[ACTION_NAMES.get(act, act)] += 1
         if act == KEEP:
             return
         if act == SCRUB:
@@ -334,7 +313,7 @@ class _Walker:
         elif act == DUMMY:
             self._put(ds, t, vr, dummy(vr))
         elif act == UID:
-            self._put(ds, t, vr, self._uids(self._text(ds, t, raw)))
+            self._put(ds, t, vr, self.keys.uids(self._text(ds, t, raw)))
         elif act == PSEUDONYM:
             self._pseudonym(ds, t, vr, raw, top)
         elif act == CLEAN:
@@ -347,13 +326,13 @@ class _Walker:
 
     def _text(self, ds: Dataset, t: int, raw: DataElement | RawDataElement) -> str:
         """The value as text; ASCII-only VRs are decoded from their raw bytes without pydicom."""
-        if isinstance(raw, RawDataElement) and raw.value is not None and vr_of(raw, t) in _ASCII_ONLY_VRS:
+        if isinstance(raw, RawDataElement) and raw.value is not None and vr_of(raw, t) in ASCII_ONLY_VRS:
             return raw.value.decode("ascii", "replace").strip(" \0")
         value = self._get(ds, t).value
         return "" if value is None else _text(value)
 
     def _sequence(self, ds: Dataset, t: int, act: str, mode: str) -> None:
-        self.counts[_STR_ACTIONS.get(act, act)] += 1
+        self.counts[ACTION_NAMES.get(act, act)] += 1
         elem = self._get(ds, t)
         if act == EMPTY:
             elem.value = Sequence()
@@ -391,12 +370,6 @@ class _Walker:
         else:
             elem.value = clean(str(elem.value))
 
-    def _uids(self, text: str) -> str:
-        def one(v: str) -> str:
-            v = v.strip("\0 ")
-            return v if not v or is_well_known_uid(v) else self.keys.uid(v)
-
-        return "\\".join(one(v) for v in text.split("\\")) if text else ""
 
     def _pseudonym(self, ds: Dataset, t: int, vr: str, raw: DataElement | RawDataElement, top: bool) -> None:
         if top:
@@ -418,7 +391,7 @@ class _Walker:
             elif vr == "DT":
                 self._put(ds, t, vr, shift_dt(text, self.offset))
             else:
-                self._put(ds, t, vr, self._uids(text))
+                self._put(ds, t, vr, self.keys.uids(text))
         elif vr == "PN":
             self._put(ds, t, vr, dummy("PN"))
         elif vr in TEXT_VRS:
@@ -711,6 +684,14 @@ def _deidentify_raw(
     )
 
 
+def _image_bytes(unsigned: Callable[[str, int], int], frames: int) -> int:
+    """Bytes of native pixel data the image needs: rows x columns x samples x frames x bits allocated."""
+    return (
+        unsigned("Rows", 0) * unsigned("Columns", 0) * unsigned("SamplesPerPixel", 1) * frames
+        * unsigned("BitsAllocated", 0) // 8
+    )
+
+
 def _check_native_pixels_raw(parsed: rawwalk.Parsed, get: Callable[[str], str]) -> None:
     """_check_native_pixels for the raw walker: pixel data too short for the image is declined, so that the
     pydicom walker reports the truncation."""
@@ -728,10 +709,7 @@ def _check_native_pixels_raw(parsed: rawwalk.Parsed, get: Callable[[str], str]) 
             return default
         return int.from_bytes(parsed.value(elem)[:2], "little")
 
-    need = (
-        unsigned("Rows", 0) * unsigned("Columns", 0) * unsigned("SamplesPerPixel", 1) * frames
-        * unsigned("BitsAllocated", 0) // 8
-    )
+    need = _image_bytes(unsigned, frames)
     if el.vend - el.vstart < need:
         raise rawwalk.Decline("pixel data shorter than the image")
 
@@ -987,8 +965,7 @@ def _check_native_pixels(ds: Dataset) -> None:
         frames = int(plain(ds, "NumberOfFrames") or 1)
     except ValueError:
         return
-    rows, cols = _unsigned(ds, "Rows", 0), _unsigned(ds, "Columns", 0)
-    need = rows * cols * _unsigned(ds, "SamplesPerPixel", 1) * frames * _unsigned(ds, "BitsAllocated", 0) // 8
+    need = _image_bytes(lambda keyword, default: _unsigned(ds, keyword, default), frames)
     if have < need:
         raise Truncated(f"pixel data holds {have} bytes but the image needs {need}: the file is truncated")
 

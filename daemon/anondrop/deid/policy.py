@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from anondrop.deid import _ps315
+from anondrop.deid.actions import CODE_TAGS, TEXT_VRS
 from anondrop.deid.requirements import resolve_combined
 
 EDITION = _ps315.EDITION
@@ -28,6 +29,10 @@ OPTIONS: tuple[str, ...] = _ps315.OPTIONS
 
 # Actions after resolution. P = keyed pseudonym (PatientID, PatientName).
 REMOVE, EMPTY, DUMMY, KEEP, CLEAN, UID, PSEUDONYM = "X", "Z", "D", "K", "C", "U", "P"
+SCRUB = "S"  # internal: keep free text but replace identifiers of the series inside it
+# How each action is counted in an instance's report.
+ACTION_NAMES = {REMOVE: "removed", EMPTY: "emptied", DUMMY: "dummied", KEEP: "kept", CLEAN: "cleaned",
+                UID: "uid", PSEUDONYM: "pseudonym", SCRUB: "scrubbed"}
 PSEUDONYMISED_TAGS = {0x00100010: "name", 0x00100020: "id"}
 
 # Burned-in text is likely in these kinds of image even when BurnedInAnnotation is absent.
@@ -87,6 +92,19 @@ class Policy:
             if tag & mask == value:
                 return rep_act
         return None
+
+    def net_action(self, vr: str, mode: str, tag: int) -> str:
+        """The safety net: the action for an element no rule or table row names, by its VR; `mode` is the
+        enclosing sequence's (DUMMY inside a dummied sequence, SCRUB otherwise)."""
+        if vr == "PN":
+            return DUMMY
+        if vr == "UI":
+            return KEEP if self.has("retain_uids") else UID
+        if vr in ("DA", "DT"):
+            return {"keep": KEEP, "shift": CLEAN, "remove": EMPTY}[self.date_mode]
+        if vr in TEXT_VRS and tag not in CODE_TAGS:
+            return DUMMY if mode == DUMMY else SCRUB
+        return KEEP
 
     @property
     def date_mode(self) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from hashlib import sha256
 
+from anondrop.deid.actions import is_well_known_uid
+
 # PS3.5 B.2: a UUID-derived UID under the 2.25 root needs no registered org root; 128 bits of HMAC
 # give at most 39 decimal digits, so "2.25." + digits stays within the 64-character UI limit.
 UUID_ROOT = "2.25."
@@ -39,6 +41,16 @@ class Keys:
         """The replacement for a UID, stable for a given secret."""
         digest = self._mac("uid", original.strip("\0 "))
         return UUID_ROOT + str(int.from_bytes(digest[:16], "big"))
+
+    def uids(self, text: str) -> str:
+        """A UI value's replacement, value by value: well-known UIDs (SOP classes, transfer syntaxes, ...)
+        stay, every other one becomes its keyed 2.25 UID."""
+
+        def one(v: str) -> str:
+            v = v.strip("\0 ")
+            return v if not v or is_well_known_uid(v) else self.uid(v)
+
+        return "\\".join(one(v) for v in text.split("\\")) if text else ""
 
     def patient_digest(self, patient_id: str, issuer: str = "") -> str:
         """Upper-case base32 digest of the patient's identity (ID + issuer), `digest_length` long."""

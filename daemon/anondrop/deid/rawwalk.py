@@ -24,6 +24,7 @@ from pydicom.datadict import dictionary_VR
 
 from anondrop.deid import _ps315
 from anondrop.deid.actions import (
+    ASCII_ONLY_VRS,
     CODE_TAGS,
     DUMMY_TEXT,
     FREE_TEXT_DATES,
@@ -34,13 +35,24 @@ from anondrop.deid.actions import (
     TEXT_VRS,
     dummy,
     empty,
-    is_well_known_uid,
     scrub_free_text_dates,
     shift_da,
     shift_dt,
 )
 from anondrop.deid.gate import IDENTIFYING_TAGS, Identifiers, _Collector, _decode
-from anondrop.deid.policy import CLEAN, DUMMY, EMPTY, KEEP, PSEUDONYM, REMOVE, UID, Policy, is_safe_private
+from anondrop.deid.policy import (
+    ACTION_NAMES,
+    CLEAN,
+    DUMMY,
+    EMPTY,
+    KEEP,
+    PSEUDONYM,
+    REMOVE,
+    SCRUB,
+    UID,
+    Policy,
+    is_safe_private,
+)
 from anondrop.deid.pseudonyms import Keys
 
 _U16 = struct.Struct("<H")
@@ -66,13 +78,9 @@ _META_KNOWN = frozenset(
     {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013,
      0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102}
 )
-_ASCII_ONLY_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "DS", "IS"})
 _SPLIT_VRS = frozenset({"LO", "SH", "UC"})  # text VRs pydicom splits into values at backslashes
 _SINGLE_VRS = frozenset({"LT", "ST", "UT"})
 _NUMBER_FORMATS = {"FL": "<f", "FD": "<d", "SL": "<l", "SS": "<h", "UL": "<L", "US": "<H", "SV": "<q", "UV": "<Q"}
-_STR_ACTIONS = {"X": "removed", "Z": "emptied", "D": "dummied", "K": "kept", "C": "cleaned", "U": "uid",
-                "P": "pseudonym", "S": "scrubbed"}
-SCRUB = "S"
 
 
 class Decline(Exception):
@@ -326,7 +334,6 @@ class _Walker:
         self.offset = keys.date_offset_days(*patient)
         self.counts: Counter[str] = Counter()
         self.changed: dict[int, object] = {}  # top-level tag -> the value an action set (for the report)
-        self.keep_uids = policy.has("retain_uids")
         self.date_mode = policy.date_mode
 
     def dataset(self, elems: list[Elem], mode: str, top: bool, codec: str) -> dict[int, Chunk]:
@@ -351,21 +358,11 @@ class _Walker:
             self._private(private, mode, codec, out)
         return out
 
-    def _net(self, vr: str, mode: str, t: int) -> str:
-        if vr == "PN":
-            return DUMMY
-        if vr == "UI":
-            return KEEP if self.keep_uids else UID
-        if vr in ("DA", "DT"):
-            return {"keep": KEEP, "shift": CLEAN, "remove": EMPTY}[self.date_mode]
-        if vr in TEXT_VRS and t not in CODE_TAGS:
-            return DUMMY if mode == DUMMY else SCRUB
-        return KEEP
 
     def element(self, el: Elem, act: str | None, mode: str, top: bool, codec: str, out: dict[int, Chunk]) -> None:
         t, vr = el.tag, el.vr
         if act is None:
-            act = self._net(vr, mode, t)
+            act = self.policy.net_action(vr, mode, t)
         elif act == KEEP and mode == DUMMY and (vr in TEXT_VRS or vr == "PN") and t not in CODE_TAGS:
             act = DUMMY
         if act == REMOVE:
@@ -374,7 +371,7 @@ class _Walker:
         if vr == "SQ":
             self._sequence(el, act, mode, out)
             return
-        self.counts[_STR_ACTIONS.get(act, act)] += 1
+        self.counts[ACTION_NAMES.get(act, act)] += 1
         if act == KEEP:
             out[t] = self.view[el.start : el.end]
         elif act == SCRUB:
@@ -384,7 +381,7 @@ class _Walker:
         elif act == DUMMY:
             self._put(el, vr, dummy(vr), top, codec, out)
         elif act == UID:
-            self._put(el, vr, self._uids(self._ascii(el)), top, codec, out)
+            self._put(el, vr, self.keys.uids(self._ascii(el)), top, codec, out)
         elif act == PSEUDONYM:
             self._pseudonym(el, vr, top, codec, out)
         elif act == CLEAN:
@@ -405,7 +402,7 @@ class _Walker:
 
     def _text(self, el: Elem, codec: str) -> str:
         """engine._Walker._text: the value as pydicom would show it, values joined by backslashes."""
-        if el.vr in _ASCII_ONLY_VRS:
+        if el.vr in ASCII_ONLY_VRS:
             return self._ascii(el)
         if el.vr in _SPLIT_VRS:
             text = _decode_strict(self._value(el), codec)
@@ -415,7 +412,7 @@ class _Walker:
         raise Decline(f"text of VR {el.vr}")
 
     def _sequence(self, el: Elem, act: str, mode: str, out: dict[int, Chunk]) -> None:
-        self.counts[_STR_ACTIONS.get(act, act)] += 1
+        self.counts[ACTION_NAMES.get(act, act)] += 1
         parts: list[Chunk] = []
         if act != EMPTY:
             inner = {DUMMY: DUMMY, CLEAN: SCRUB}.get(act, mode)
@@ -459,12 +456,6 @@ class _Walker:
             raise Decline(f"scrubbing VR {vr}")
         self._put(el, vr, value, top, codec, out)
 
-    def _uids(self, text: str) -> str:
-        def one(v: str) -> str:
-            v = v.strip("\0 ")
-            return v if not v or is_well_known_uid(v) else self.keys.uid(v)
-
-        return "\\".join(one(v) for v in text.split("\\")) if text else ""
 
     def _pseudonym(self, el: Elem, vr: str, top: bool, codec: str, out: dict[int, Chunk]) -> None:
         t = el.tag
@@ -486,7 +477,7 @@ class _Walker:
             elif vr == "DT":
                 value = shift_dt(text, self.offset)
             else:
-                value = self._uids(text)
+                value = self.keys.uids(text)
             self._put(el, vr, value, top, codec, out)
         elif vr == "PN":
             self._put(el, vr, dummy("PN"), top, codec, out)
