@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import subprocess
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -209,6 +211,190 @@ def test_zip64_when_the_entry_count_needs_it(tmp_path: Path) -> None:
         z.commit({})
     with zipfile.ZipFile(final) as zf:
         assert len(zf.infolist()) == n + 1
+    unzip = require_tool("unzip")
+    assert subprocess.run([unzip, "-tq", str(final)], capture_output=True).returncode == 0
+
+
+# -- entries from a worker's parts: bytes, and spans of the source copied from file to file ------------------
+Parts = list[bytes | tuple[int, int]]
+
+
+def _source(tmp_path: Path, size: int = 300_000) -> tuple[Path, bytes]:
+    path = tmp_path / "source.dcm"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return path, data
+
+
+def _parts_of(data: bytes, start: int, end: int) -> tuple[Parts, bytes]:
+    """Parts as a worker hands them back: header and tail as bytes, the pixel data as a span of the source."""
+    head, tail = b"HEADER" + os.urandom(300), os.urandom(50)
+    return [head, (start, end - start), tail], head + data[start:end] + tail
+
+
+def _add_parts(z: SeriesZip, name: str, parts: Parts, out: bytes, source: Path | None) -> str:
+    fd = os.open(source, os.O_RDONLY) if source is not None else None
+    try:
+        sha = hashlib.sha256(out).hexdigest()
+        return z.add_parts(name, parts, fd, size=len(out), crc=zlib.crc32(out), sha256=sha)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _check_readable(final: Path, expected: dict[str, bytes]) -> None:
+    """zipfile reads every entry back with its CRC, the manifest lists each SHA-256, and unzip agrees."""
+    with zipfile.ZipFile(final) as zf:
+        assert zf.testzip() is None
+        assert zf.namelist() == [*expected, "manifest.json"]
+        for name, data in expected.items():
+            assert zf.read(name) == data
+            stored_crc = zf.getinfo(name).CRC
+            assert stored_crc == zlib.crc32(data)
+        entries = json.loads(zf.read("manifest.json"))["entries"]
+    assert entries == [
+        {"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in expected.items()
+    ]
+    unzip = require_tool("unzip")
+    test = subprocess.run([unzip, "-t", str(final)], capture_output=True, text=True)
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "No errors detected" in test.stdout
+
+
+@pytest.mark.parametrize("compression", ["stored", "deflate"])
+def test_parts_with_spans_of_the_source(tmp_path: Path, compression: str) -> None:
+    source, data = _source(tmp_path)
+    parts1, out1 = _parts_of(data, 1000, 250_000)
+    parts2, out2 = _parts_of(data, 0, len(data))
+    final = tmp_path / "out" / "series.zip"
+    with SeriesZip(final, compression=compression) as z:  # type: ignore[arg-type]
+        z.add("IM00001.dcm", b"from zipfile")
+        assert _add_parts(z, "IM00002.dcm", parts1, out1, source) == hashlib.sha256(out1).hexdigest()
+        _add_parts(z, "IM00003.dcm", [b"bytes ", b"only"], b"bytes only", None)
+        _add_parts(z, "IM00004.dcm", parts2, out2, source)
+        z.add("IM00005.dcm", b"zipfile again")
+        z.commit({})
+    _check_readable(final, {"IM00001.dcm": b"from zipfile", "IM00002.dcm": out1, "IM00003.dcm": b"bytes only",
+                            "IM00004.dcm": out2, "IM00005.dcm": b"zipfile again"})
+    assert everything(final.parent) == ["series.zip"]
+
+
+def test_stored_spans_are_copied_by_the_kernel_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, data = _source(tmp_path)
+    parts, out = _parts_of(data, 100, 200_100)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    final = tmp_path / "series.zip"
+    with SeriesZip(final) as z:
+        _add_parts(z, "IM00001.dcm", parts, out, source)
+        z.commit({})
+    monkeypatch.undo()
+    if hasattr(os, "copy_file_range") or hasattr(os, "sendfile"):
+        assert reads == []
+    _check_readable(final, {"IM00001.dcm": out})
+
+
+@pytest.mark.parametrize("refuse", ["copy_file_range", "both", "copy_file_range answers 0"])
+def test_span_copy_falls_back_where_the_kernel_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str
+) -> None:
+    source, data = _source(tmp_path)
+    parts, out = _parts_of(data, 7, 290_000)
+
+    def other_filesystem(*_args: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def not_supported(*_args: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    if refuse == "copy_file_range answers 0":  # as some filesystems do for a call they do not support
+        monkeypatch.setattr(os, "copy_file_range", lambda *_args: 0, raising=False)
+    else:
+        monkeypatch.setattr(os, "copy_file_range", other_filesystem, raising=False)
+    if refuse == "both":
+        monkeypatch.setattr(os, "sendfile", not_supported, raising=False)
+    final = tmp_path / "series.zip"
+    with SeriesZip(final) as z:
+        _add_parts(z, "IM00001.dcm", parts, out, source)
+        z.add("IM00002.dcm", b"after")
+        z.commit({})
+    monkeypatch.undo()
+    _check_readable(final, {"IM00001.dcm": out, "IM00002.dcm": b"after"})
+
+
+@pytest.mark.parametrize("compression", ["stored", "deflate"])
+def test_a_source_shorter_than_its_span_refuses_the_zip(tmp_path: Path, compression: str) -> None:
+    source, data = _source(tmp_path)
+    parts, out = _parts_of(data, 1000, 250_000)
+    final = tmp_path / "series.zip"
+    z = SeriesZip(final, compression=compression)  # type: ignore[arg-type]
+    z.add("IM00001.dcm", b"first")
+    with source.open("r+b") as f:
+        f.truncate(200_000)  # the source shrank after the worker read it
+    with pytest.raises(OSError, match="became shorter"):
+        _add_parts(z, "IM00002.dcm", parts, out, source)
+    assert everything(tmp_path) == ["source.dcm"]  # the temp ZIP is gone
+    with pytest.raises(RuntimeError, match="aborted"):
+        z.commit({})
+
+
+def test_parts_that_do_not_add_up_to_the_size_refuse_the_zip(tmp_path: Path) -> None:
+    source, data = _source(tmp_path)
+    parts, out = _parts_of(data, 0, 1000)
+    final = tmp_path / "series.zip"
+    z = SeriesZip(final)
+    with pytest.raises(OSError, match="do not add up"):
+        _add_parts(z, "IM00001.dcm", parts, out + b"x", source)
+    assert everything(tmp_path) == ["source.dcm"]
+
+
+def test_deflated_parts_are_checked_against_the_crc(tmp_path: Path) -> None:
+    source, data = _source(tmp_path)
+    parts, out = _parts_of(data, 0, 100_000)
+    source.write_bytes(bytes(len(data)))  # same size, other content: the CRC no longer holds
+    z = SeriesZip(tmp_path / "series.zip", compression="deflate")
+    with pytest.raises(OSError, match="CRC"):
+        _add_parts(z, "IM00001.dcm", parts, out, source)
+    assert everything(tmp_path) == ["source.dcm"]
+
+
+def test_zip64_sizes_and_offsets_for_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Entries and offsets past 4 GB take ZIP64 fields; a lowered limit exercises the same code paths
+    # (local headers, central directory, end records) without writing gigabytes.
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1000)
+    source, data = _source(tmp_path, 20_000)
+    expected = {}
+    final = tmp_path / "big.zip"
+    with SeriesZip(final) as z:
+        for i in range(4):
+            parts, out = _parts_of(data, i * 100, 10_000 + i)
+            _add_parts(z, f"IM{i:05d}.dcm", parts, out, source)
+            expected[f"IM{i:05d}.dcm"] = out
+        z.add("small.dcm", b"x" * 10)
+        expected["small.dcm"] = b"x" * 10
+        z.commit({})
+    with zipfile.ZipFile(final) as zf:
+        zip64 = [i.filename for i in zf.infolist() if i.extract_version >= zipfile.ZIP64_VERSION]
+    assert zip64 == [*expected, "manifest.json"]  # every entry's sizes or offset is past the limit
+    _check_readable(final, expected)
+
+
+def test_zip64_when_the_entry_count_needs_it_with_parts(tmp_path: Path) -> None:
+    final = tmp_path / "many.zip"
+    n = 65_536
+    with SeriesZip(final) as z:
+        for i in range(n):
+            z.add_parts(f"{i}", [b"a"], None, size=1, crc=zlib.crc32(b"a"), sha256="")
+        z.commit({})
+    with zipfile.ZipFile(final) as zf:
+        assert len(zf.infolist()) == n + 1
+        assert zf.read(f"{n - 1}") == b"a"
     unzip = require_tool("unzip")
     assert subprocess.run([unzip, "-tq", str(final)], capture_output=True).returncode == 0
 

@@ -21,7 +21,7 @@ import secrets
 import stat
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from types import TracebackType
@@ -111,7 +111,7 @@ class SeriesZip:
         info = _entry_info(name, self._method)
         info.file_size = size
         try:
-            with self._zip.open(info, "w", force_zip64=size > 0x7FFFFFFF) as entry:
+            with self._zip.open(info, "w", force_zip64=size > zipfile.ZIP64_LIMIT) as entry:
                 for part in parts:
                     entry.write(part)
             if crc != info.CRC or info.file_size != size:
@@ -119,6 +119,47 @@ class SeriesZip:
         except BaseException:
             self.abort()
             raise
+        return self._added(name, size, sha256)
+
+    def add_parts(
+        self, name: str, parts: Sequence[bytes | tuple[int, int]], source: int | None, *, size: int, crc: int,
+        sha256: str,
+    ) -> str:
+        """Write one entry made of bytes and (offset, length) spans of the open file `source`; its size,
+        CRC-32 and SHA-256 were computed elsewhere (a worker), over the whole entry.
+
+        Stored, the entry is written as it is: the local header with the given CRC and sizes, the bytes, and
+        the spans copied from file to file by the kernel, so that pixel data never passes through this
+        process. The caller vouches that the spans still hold what the worker read (pipeline compares the
+        source's inode, size, mtime and ctime with the inventory's). Parts that do not add up to `size`, or a
+        source that ends before a span does, refuse the entry (and so the ZIP). Deflated, the parts are read
+        and go through zipfile, which checks the CRC.
+        """
+        if self._method != zipfile.ZIP_STORED:
+            return self.add_stream(name, read_parts(source, parts, name), size=size, crc=crc, sha256=sha256)
+        self._require_open()
+        self._check_name(name)
+        info = _entry_info(name, self._method)
+        info.file_size = info.compress_size = size
+        info.CRC = crc
+        try:
+            if sum(len(p) if isinstance(p, bytes) else p[1] for p in parts) != size:
+                raise OSError(f"entry {name}: its parts do not add up to its size")
+            self._file.flush()  # what zipfile wrote so far, before writing past it by file offset
+            info.header_offset = self._zip.start_dir
+            pos = _write_parts(self._file.fileno(), info.header_offset, [info.FileHeader(), *parts], source, name)
+            # The entry is zipfile's from here on: it goes into the central directory, and the next entry
+            # starts after it.
+            self._file.seek(pos)
+            self._zip.start_dir = pos
+            self._zip.filelist.append(info)
+            self._zip.NameToInfo[info.filename] = info
+        except BaseException:
+            self.abort()
+            raise
+        return self._added(name, size, sha256)
+
+    def _added(self, name: str, size: int, sha256: str) -> str:
         self._names.add(name.casefold())
         self._entries.append({"name": name, "size": size, "sha256": sha256})
         self._unflushed += size
@@ -192,6 +233,104 @@ class SeriesZip:
         else:
             return
         raise ValueError(f"entry name {name!r} {problem}")
+
+
+_CHUNK = 1 << 20  # what is read at a time where bytes do pass through this process
+
+
+def read_parts(source: int | None, parts: Iterable[bytes | tuple[int, int]], name: str) -> Iterator[bytes]:
+    """The bytes of entry `name`: bytes parts as they are, (offset, length) spans read from `source` in chunks."""
+    for part in parts:
+        if isinstance(part, bytes):
+            yield part
+            continue
+        if source is None:
+            raise ValueError(f"entry {name}: a span of the source, but no source")
+        offset, length = part
+        while length > 0:
+            chunk = os.pread(source, min(length, _CHUNK), offset)
+            if not chunk:
+                raise OSError(f"entry {name}: its source became shorter while it was packaged")
+            yield chunk
+            offset += len(chunk)
+            length -= len(chunk)
+
+
+# copy_file_range and sendfile answer these where they cannot copy between the two files (another filesystem
+# on older kernels, a filesystem or sandbox without the call): the next way is tried.
+_CANNOT_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.ENOTSOCK}
+)
+
+
+def copy_range(src: int, dst: int, offset: int, length: int, dst_offset: int, name: str) -> None:
+    """Copy `length` bytes at `offset` of file `src` to `dst_offset` of file `dst`: with copy_file_range
+    (which can share the blocks on filesystems that allow it), else sendfile, else pread and pwrite.
+
+    Raises OSError when `src` ends before the range does (naming entry `name`).
+    """
+    ways = [_by_pread]
+    if hasattr(os, "sendfile"):
+        ways.insert(0, _by_sendfile)
+    if hasattr(os, "copy_file_range"):
+        ways.insert(0, _by_copy_file_range)
+    while length > 0:
+        try:
+            n = ways[0](src, dst, offset, min(length, 1 << 30), dst_offset)
+        except OSError as exc:
+            if exc.errno in _CANNOT_COPY and len(ways) > 1:
+                ways.pop(0)
+                continue
+            raise
+        if n == 0:
+            if len(ways) > 1 and os.fstat(src).st_size >= offset + length:
+                ways.pop(0)  # some filesystems answer 0 where they do not support the call
+                continue
+            raise OSError(f"entry {name}: its source became shorter while it was packaged")
+        offset += n
+        dst_offset += n
+        length -= n
+
+
+def _by_copy_file_range(src: int, dst: int, offset: int, count: int, dst_offset: int) -> int:
+    return os.copy_file_range(src, dst, count, offset, dst_offset)
+
+
+def _by_sendfile(src: int, dst: int, offset: int, count: int, dst_offset: int) -> int:
+    os.lseek(dst, dst_offset, os.SEEK_SET)  # sendfile writes at the file position of dst
+    return os.sendfile(dst, src, offset, count)
+
+
+def _by_pread(src: int, dst: int, offset: int, count: int, dst_offset: int) -> int:
+    data = os.pread(src, min(count, _CHUNK), offset)
+    _pwrite_all(dst, data, dst_offset)
+    return len(data)
+
+
+def _write_parts(out: int, pos: int, parts: Sequence[bytes | tuple[int, int]], source: int | None, name: str) -> int:
+    """Write parts at `pos` of file `out` (bytes in one write where they follow each other, spans copied from
+    `source`); returns the position after them."""
+    pending: list[bytes] = []
+    for part in parts:
+        if isinstance(part, bytes):
+            pending.append(part)
+            continue
+        if source is None:
+            raise ValueError(f"entry {name}: a span of the source, but no source")
+        pos = _pwrite_all(out, b"".join(pending), pos)
+        pending = []
+        copy_range(source, out, *part, pos, name)
+        pos += part[1]
+    return _pwrite_all(out, b"".join(pending), pos)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+    return offset
 
 
 def _entry_info(name: str, method: int) -> zipfile.ZipInfo:
