@@ -41,7 +41,7 @@ from anondrop.ingest import overrides as overrides_mod
 from anondrop.ingest.scan import OVERRIDE_NAME, BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
 from anondrop.journal import Journal
 from anondrop.naming import Namer, as_path, folder_levels, unique_entry
-from anondrop.package import SeriesZip, unique_path
+from anondrop.package import SeriesZip, read_parts, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
 from anondrop.routes import Lane, RouteTable
 from anondrop.sitekey import load_or_create
@@ -158,29 +158,6 @@ def _warm() -> None:
 def _info_batch(job: tuple[tuple[int, ...], list[tuple[str, str, str | None]]]) -> list[FileInfo | BadFile]:
     extra, batch = job
     return [read_info(Path(p), rel, Path(c) if c else None, extra) for p, rel, c in batch]
-
-
-def _stream(path: Path, parts: list[bytes | tuple[int, int]]) -> Iterator[bytes]:
-    """The output's bytes: given parts as they are, spans read from the source file in chunks."""
-    fd: int | None = None
-    try:
-        for part in parts:
-            if isinstance(part, bytes):
-                yield part
-                continue
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY)
-            offset, length = part
-            while length > 0:
-                chunk = os.pread(fd, min(length, _READ_CHUNK), offset)
-                if not chunk:
-                    raise OSError(f"{path.name}: the file became shorter while it was packaged")
-                yield chunk
-                offset += len(chunk)
-                length -= len(chunk)
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 class Workers:
@@ -498,8 +475,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             sources.add(res.source)
             if carried is not None:
                 carried.copy_before(zipw, res.report.instance_number, entry_name)
-            name = entry_name(res.report.values)
-            zipw.add_stream(name, _stream(f.path, res.parts), size=res.size, crc=res.crc, sha256=res.sha256)
+            _add(zipw, entry_name(res.report.values), f, res)
             written.append(f)
         ids = Identifiers.union(own for _blob, own in headers)
         if carried is not None and zipw is not None and not burned and not hits:
@@ -565,6 +541,25 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             zipw.abort()
         if carried is not None:
             carried.close()
+
+
+def _add(zipw: SeriesZip, name: str, f: FileInfo, res: Packed) -> None:
+    """One instance into the ZIP. Its pixel data, a span of the source, goes from file to file unread when the
+    source is still the file the inventory saw before the worker read it (same inode, size, mtime and ctime):
+    the bytes, and so the CRC the worker computed, hold. Otherwise it is read again, and must match that CRC
+    on the way, or the series is refused."""
+    if not any(isinstance(p, tuple) for p in res.parts):
+        zipw.add_parts(name, res.parts, None, size=res.size, crc=res.crc, sha256=res.sha256)
+        return
+    fd = os.open(f.path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (f.inode, f.size, f.mtime_ns, f.ctime_ns):
+            zipw.add_parts(name, res.parts, fd, size=res.size, crc=res.crc, sha256=res.sha256)
+        else:
+            zipw.add_stream(name, read_parts(fd, res.parts, name), size=res.size, crc=res.crc, sha256=res.sha256)
+    finally:
+        os.close(fd)
 
 
 def _output_names(

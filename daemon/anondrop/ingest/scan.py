@@ -47,6 +47,10 @@ class FileInfo:
     instance_number: int | None
     container: Path | None = None  # the inbox ZIP this file was unpacked from
     attrs: tuple[tuple[int, str], ...] = ()  # (tag, value) of the attributes routes match on
+    # The file's inode and status-change time when it was read here: any write since changes the ctime (which
+    # no program can set back), so the same (size, mtime, ctime, inode) later means the same bytes.
+    inode: int = 0
+    ctime_ns: int = 0
 
     @property
     def series_key(self) -> tuple[str, str]:
@@ -257,6 +261,8 @@ def _info(
         instance_number=inst,
         container=container,
         attrs=tuple((t, values.get(t, "")) for t in extra),
+        inode=st.st_ino,
+        ctime_ns=st.st_ctime_ns,
     )
 
 
