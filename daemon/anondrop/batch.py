@@ -8,10 +8,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anondrop import lease
 from anondrop.config import Config
-from anondrop.deliver.courier import Courier, Report
 from anondrop.deliver.queue import DEAD, DeliveryQueue
 from anondrop.ingest.scan import FileInfo, Inventory, unpack_dir
 from anondrop.journal import Journal
@@ -36,6 +36,9 @@ from anondrop.pipeline import (
 from anondrop.quarantine import QuarantineReason, quarantine_files
 from anondrop.routes import build_routes
 
+if TYPE_CHECKING:  # the senders (TLS, their clients) are imported only when destinations are configured
+    from anondrop.deliver.courier import Courier, Report
+
 log = logging.getLogger("anondrop")
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
@@ -58,6 +61,8 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     courier: Courier | None = None
     try:
         if cfg.destinations:
+            from anondrop.deliver.courier import Courier
+
             # Uploads (earlier runs' pending ones too) go on while the next series are de-identified.
             courier = Courier(cfg, journal, lambda released: dispose_released(cfg, released))
             _tally(courier.poll(), summary)

@@ -8,6 +8,7 @@ another anondrop process (the daemon or a `once`) is working on the same state f
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,9 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from anondrop import __version__
-from anondrop import config as config_mod
 
+# The rest of anondrop (the config's models, pydicom) is imported where used: `once` first starts the
+# workers' fork server, which imports it in parallel, and workers started from a script run this module again.
 if TYPE_CHECKING:
+    from anondrop.config import Config
     from anondrop.pipeline import Summary
     from anondrop.routes import RouteTable
 
@@ -49,12 +52,24 @@ ConfigOpt = Annotated[
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_QUARANTINED, EXIT_BUSY = 0, 1, 2, 3, 4
 
 
-def _load(path: Path | None) -> config_mod.Config:
+def _load(path: Path | None) -> Config:
+    from anondrop import config as config_mod
+
     try:
         return config_mod.load(config_mod.resolve_config_path(path))
     except config_mod.ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _start_workers_early() -> None:
+    """Start the worker pool's fork server first thing: it imports the engine (most of a second) while this
+    process loads the config and reads the inbox, instead of after. (With `processing.workers = 1` it is
+    started for nothing, and exits with the command.)"""
+    if (os.cpu_count() or 1) > 1:
+        from anondrop import forkserver
+
+        forkserver.start()
 
 
 def _logging(verbose: bool) -> None:
@@ -114,6 +129,7 @@ def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | No
 @app.command()
 def once(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Process every series now in the inbox once, then exit."""
+    _start_workers_early()
     from anondrop.batch import run_once
     from anondrop.lease import LeaseHeld
 
@@ -136,6 +152,7 @@ def anonymize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """De-identify PATH into ZIPs under --out, by the config's rules; PATH and the inbox are left untouched."""
+    _start_workers_early()
     from anondrop.batch import run_anonymize
 
     _logging(verbose)
@@ -203,7 +220,7 @@ def check_config(
     out.print("[green]config OK[/green]")
 
 
-def _print_routes(cfg: config_mod.Config, routes: RouteTable) -> None:
+def _print_routes(cfg: Config, routes: RouteTable) -> None:
     from anondrop.naming import Namer
 
     if cfg.routes:
@@ -224,6 +241,7 @@ def _print_routes(cfg: config_mod.Config, routes: RouteTable) -> None:
 @app.command()
 def run(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True) -> None:
     """Run the watched-folder daemon (under systemd: Type=notify)."""
+    from anondrop import config as config_mod
     from anondrop.lease import LeaseHeld
     from anondrop.logs import setup_daemon_logging
     from anondrop.service import Service

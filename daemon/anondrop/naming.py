@@ -23,13 +23,9 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-from anondrop.deid.actions import TEXT_VRS
-from anondrop.deid.policy import CLEAN, KEEP, Policy
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pydicom and the policy are imported where used: the config (and so the CLI) imports this
     from anondrop.config import FolderRule, Naming
+    from anondrop.deid.policy import Policy
 
 # Fields that are not DICOM keywords.
 INDEX, ROUTE, FOLDERS, FOLDERS_FLAT = "index", "route", "folders", "folders_flat"
@@ -111,6 +107,8 @@ def _check_field(name: str, special: frozenset[str], what: str) -> None:
     others = sorted((PATH_SPECIAL | ENTRY_SPECIAL) - special)
     if name in others:
         raise TemplateError(f"{what}: {{{name}}} cannot be used here")
+    from pydicom.datadict import tag_for_keyword
+
     if tag_for_keyword(name) is None:
         raise TemplateError(
             f"{what}: unknown field {{{name}}}: use the keyword of a de-identified DICOM attribute "
@@ -158,6 +156,11 @@ def check_templates(naming: Naming) -> None:
 
 def identity_reason(keyword: str, policy: Policy) -> str | None:
     """Why a template field would carry an original identifier under this policy (None: it is safe)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    from anondrop.deid.actions import TEXT_VRS
+    from anondrop.deid.policy import CLEAN, KEEP
+
     tag = tag_for_keyword(keyword)
     if tag is None:
         return None

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 import zipfile
@@ -23,15 +24,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.tag import BaseTag
 
-from anondrop import __version__
-from anondrop.config import Config
+from anondrop import __version__, forkserver
 from anondrop.deid import engine
 from anondrop.deid.gate import GateHit, Identifiers, scan_bytes, scan_dataset, scan_names
 from anondrop.deid.policy import Policy
@@ -39,15 +38,18 @@ from anondrop.deid.pseudonyms import Keys
 from anondrop.ingest import containers
 from anondrop.ingest import overrides as overrides_mod
 from anondrop.ingest.scan import OVERRIDE_NAME, BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
-from anondrop.journal import Journal
 from anondrop.naming import Namer, as_path, folder_levels, unique_entry
 from anondrop.package import SeriesZip, read_parts, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
-from anondrop.routes import Lane, RouteTable
 from anondrop.sitekey import load_or_create
 
-if TYPE_CHECKING:  # the crosswalk (and cryptography) is imported only where it is switched on
+# For types only: the crosswalk (and cryptography) is imported only where it is switched on; the config
+# (pydantic), the journal and the routes belong to the main process, and workers import this module.
+if TYPE_CHECKING:
+    from anondrop.config import Config
     from anondrop.crosswalk import Crosswalk, Pair
+    from anondrop.journal import Journal
+    from anondrop.routes import Lane, RouteTable
 
 log = logging.getLogger("anondrop")
 
@@ -155,36 +157,77 @@ def _warm() -> None:
     """Nothing: submitted once per worker so that the pool starts its processes right away."""
 
 
+def _init_worker_from(state: bytes) -> None:
+    """_init_worker with the policies and keys pickled once, when the pool was made, rather than once per
+    worker as each starts (while this process already de-identifies with the same objects)."""
+    _init_worker(*pickle.loads(state))
+
+
 def _info_batch(job: tuple[tuple[int, ...], list[tuple[str, str, str | None]]]) -> list[FileInfo | BadFile]:
     extra, batch = job
     return [read_info(Path(p), rel, Path(c) if c else None, extra) for p, rel, c in batch]
 
 
 class Workers:
-    """In-process for one worker; otherwise a process pool, fed a bounded window of batches (flat memory)."""
+    """In-process for one worker; otherwise a process pool, fed a bounded window of batches (flat memory).
+    This process does the work itself while the pool's processes start."""
 
     def __init__(self, count: int, policies: dict[str, Policy], keys: Keys) -> None:
         self.count = count
         self.pool: ProcessPoolExecutor | None = None
+        self._warming: list[Future[None]] = []
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._here = threading.Lock()  # one batch at a time in this process (series run on threads)
         if count > 1:
             self.pool = ProcessPoolExecutor(
-                count, mp_context=get_context("forkserver"), initializer=_init_worker, initargs=(policies, keys)
+                count,
+                mp_context=forkserver.context(),
+                initializer=_init_worker_from,
+                initargs=(pickle.dumps((policies, keys)),),
             )
-            # Start every worker now (each imports pydicom, about half a second) instead of at the first
-            # batch: they boot while the caller walks the inbox.
-            for _ in range(count):
-                self.pool.submit(_warm)
-        else:
-            _init_worker(policies, keys)
+            # Every worker is started now rather than at the first batch, and from a thread: each start
+            # waits until the fork server has imported the engine, which the caller need not wait for.
+            self._starter = threading.Thread(target=self._start, args=(self.pool,), name="workers", daemon=True)
+            self._starter.start()
+        _init_worker(policies, keys)  # this process works too, until the pool is up
+
+    def _start(self, pool: ProcessPoolExecutor) -> None:
+        try:
+            for _ in range(self.count):
+                self._warming.append(pool.submit(_warm))
+        except BaseException as exc:  # raised where the pool is used (a pool closed meanwhile never is)
+            self._start_error = exc
+
+    def _started(self) -> ProcessPoolExecutor:
+        """The pool, once its processes have been started; raises what starting them raised."""
+        assert self.pool is not None and self._starter is not None
+        self._starter.join()
+        if self._start_error is not None:
+            raise self._start_error
+        return self.pool
+
+    def ready(self) -> bool:
+        """True once every process of the pool runs (never without a pool)."""
+        if self._starter is None:
+            return False
+        return not self._starter.is_alive() and all(f.done() for f in self._warming)
 
     def map(self, batches: Iterable[Job]) -> Iterator[FileOutcome]:
-        if self.pool is None:
-            for batch in batches:
-                yield from _process_batch(batch)
-            return
+        todo = iter(batches)
+        # This process does the batches itself, one at a time, until the pool is up (all of them without a
+        # pool): the first series does not wait for the workers to start.
+        while not self.ready():
+            batch = next(todo, None)
+            if batch is None:
+                return
+            with self._here:
+                outcomes = _process_batch(batch)
+            yield from outcomes
+        pool = self._started()
         window: deque[Future[list[FileOutcome]]] = deque()
-        for batch in batches:
-            window.append(self.pool.submit(_process_batch, batch))
+        for batch in todo:
+            window.append(pool.submit(_process_batch, batch))
             if len(window) >= self.count * 2:
                 yield from window.popleft().result()
         while window:
@@ -193,16 +236,27 @@ class Workers:
     def read_infos(
         self, items: list[tuple[Path, str, Path | None]], extra: tuple[int, ...] = ()
     ) -> list[FileInfo | BadFile]:
-        """Read the grouping attributes (and those routes match on) of many files, on every core."""
+        """Read the grouping attributes (and those routes match on) of many files, on every core.
+
+        Until the pool is up, this process reads them itself (a header costs about 0.1 ms here): a small
+        inbox is read before the workers would have been ready, and a big one is not held up by them.
+        """
         jobs = [(str(p), rel, str(c) if c else None) for p, rel, c in items]
         batches = [(extra, jobs[i : i + 64]) for i in range(0, len(jobs), 64)]
-        if self.pool is None:
-            return [info for b in batches for info in _info_batch(b)]
-        return [info for result in self.pool.map(_info_batch, batches) for info in result]
+        infos: list[FileInfo | BadFile] = []
+        done = 0
+        while done < len(batches) and not self.ready():
+            infos += _info_batch(batches[done])
+            done += 1
+        if done < len(batches):
+            infos += [info for result in self._started().map(_info_batch, batches[done:]) for info in result]
+        return infos
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+            assert self._starter is not None
+            self._starter.join()
 
 
 def _batches(files: list[FileInfo], route: str, overrides: dict[int, tuple[str, str]]) -> Iterator[Job]:

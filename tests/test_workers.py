@@ -1,0 +1,100 @@
+"""The worker pool: this process does the work itself until the pool's processes are up, and both ways give
+the same results, in the same order."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from anondrop.deid.policy import build_policy
+from anondrop.deid.pseudonyms import Keys
+from anondrop.ingest import scan
+from anondrop.pipeline import Workers
+from tests.conftest import sample, sample_files, write_instances
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the odd sample files
+ROUTE_TAGS = (0x00080060, 0x00080070, 0x00081010)  # Modality, Manufacturer, StationName
+KEYS = Keys(secret=b"w" * 32)
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    pool = Workers(2, {"default": build_policy(options=[])}, KEYS)
+    try:
+        while not pool.ready():
+            time.sleep(0.01)
+        yield pool
+    finally:
+        pool.close()
+
+
+def _pool_up_after(monkeypatch: pytest.MonkeyPatch, checks: int | None) -> None:
+    """Make the pool look up only from the given check on (never, for None)."""
+    count = iter(range(10**6))
+    monkeypatch.setattr(Workers, "ready", lambda self: checks is not None and next(count) >= checks)
+
+
+@pytest.mark.parametrize("pool_up_after", [0, 2, None])  # batches done here before the pool takes over
+def test_headers_are_read_alike_here_and_in_the_pool(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch, pool_up_after: int | None
+) -> None:
+    files = sample_files()[:300]
+    expected = [scan.read_info(f, f.name, None, ROUTE_TAGS) for f in files]
+    _pool_up_after(monkeypatch, pool_up_after)
+    assert workers.read_infos([(f, f.name, None) for f in files], ROUTE_TAGS) == expected
+
+
+@pytest.mark.parametrize("pool_up_after", [0, 1, None])
+def test_instances_are_de_identified_alike_here_and_in_the_pool(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pool_up_after: int | None
+) -> None:
+    ds = dcmread(sample("CT_small.dcm"))
+    paths = write_instances(tmp_path, ds, 5)
+    paths.append(tmp_path / "junk.dcm")
+    paths[-1].write_bytes(os.urandom(1000))
+    batches = [("default", {}, [(i, str(p)) for i, p in enumerate(paths[:3])]),
+               ("default", {}, [(i + 3, str(p)) for i, p in enumerate(paths[3:])])]
+    alone = Workers(1, {"default": build_policy(options=[])}, KEYS)
+    expected = list(alone.map(batches))
+    _pool_up_after(monkeypatch, pool_up_after)
+    got = list(workers.map(batches))
+    assert [o.index for o in got] == list(range(6))
+    assert [o.packed is None for o in got] == [False] * 5 + [True]  # the junk file fails, the rest go out
+    assert [(o.index, o.code, o.message, o.packed and o.packed.sha256) for o in got] == [
+        (o.index, o.code, o.message, o.packed and o.packed.sha256) for o in expected
+    ]
+
+
+def test_workers_get_the_policies_as_they_were_when_the_pool_was_made(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # This process de-identifies while the workers start, with the same policy objects; what the engine
+    # caches on them meanwhile (keyed by object ids) must not reach a worker.
+    paths = write_instances(tmp_path, dcmread(sample("CT_small.dcm")), 4)
+    batch = ("default", {}, [(i, str(p)) for i, p in enumerate(paths)])
+    go = threading.Event()
+    real_start = Workers._start
+
+    def held_start(self: Workers, pool: ProcessPoolExecutor) -> None:
+        go.wait()
+        real_start(self, pool)
+
+    monkeypatch.setattr(Workers, "_start", held_start)
+    workers = Workers(2, {"default": build_policy(options=[])}, KEYS)
+    try:
+        here = list(workers.map([batch]))  # the pool is not up: done in this process
+        go.set()
+        while not workers.ready():
+            time.sleep(0.01)
+        there = list(workers.map([batch]))
+    finally:
+        workers.close()
+    assert [o.message for o in there] == [o.message for o in here] == [""] * 4
+    assert [o.packed and o.packed.sha256 for o in there] == [o.packed and o.packed.sha256 for o in here]
