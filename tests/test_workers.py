@@ -4,6 +4,8 @@ the same results, in the same order."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -98,3 +100,33 @@ def test_workers_get_the_policies_as_they_were_when_the_pool_was_made(
         workers.close()
     assert [o.message for o in there] == [o.message for o in here] == [""] * 4
     assert [o.packed and o.packed.sha256 for o in there] == [o.packed and o.packed.sha256 for o in here]
+
+
+PIXEL_STACK = {"numpy", "PIL", "requests"}
+
+
+def _loaded() -> set[str]:
+    import sys
+
+    return {name.partition(".")[0] for name in sys.modules}
+
+
+def test_workers_import_pydicom_without_its_pixel_stack(workers: Workers) -> None:
+    # numpy, Pillow and requests are installed here (the test tools need them), yet a worker never loads
+    # them: it never decodes pixel data, and they would cost each process a fifth of a second.
+    assert not PIXEL_STACK & workers._started().submit(_loaded).result()
+
+
+def test_the_cli_hides_the_pixel_stack_from_pydicom_only_while_importing_it() -> None:
+    code = (
+        "import sys\n"
+        "from anondrop.lean import import_pydicom\n"
+        "import_pydicom()\n"
+        "import pydicom.pixels.utils as u\n"
+        f"assert not {sorted(PIXEL_STACK)!r} & sys.modules.keys(), sorted(sys.modules)\n"
+        "assert u.HAVE_NP is False\n"
+        "import numpy\n"  # hidden from pydicom, not from the program
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -70,6 +70,14 @@ def _start_workers_early() -> None:
         from anondrop import forkserver
 
         forkserver.start()
+    _lean_pydicom()
+
+
+def _lean_pydicom() -> None:
+    """pydicom for a command that de-identifies: without numpy, Pillow and requests (see anondrop.lean)."""
+    from anondrop.lean import import_pydicom
+
+    import_pydicom()
 
 
 def _logging(verbose: bool) -> None:
@@ -241,6 +249,7 @@ def _print_routes(cfg: Config, routes: RouteTable) -> None:
 @app.command()
 def run(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True) -> None:
     """Run the watched-folder daemon (under systemd: Type=notify)."""
+    _lean_pydicom()
     from anondrop import config as config_mod
     from anondrop.lease import LeaseHeld
     from anondrop.logs import setup_daemon_logging

@@ -11,10 +11,11 @@ from __future__ import annotations
 from multiprocessing import current_process, forkserver, get_context
 from multiprocessing.context import ForkServerContext
 
-# What a worker runs: anondrop.pipeline (the engine, pydicom). Not `__main__` (multiprocessing's default): for
+# What a worker runs: anondrop.pipeline (the engine, pydicom without its pixel stack: anondrop.workerboot).
+# Not `__main__` (multiprocessing's default): for
 # a program started as a script, each worker runs the script again whatever the server imported; for the
 # installed `anondrop` command that imports the CLI module, which is kept light for this reason.
-PRELOAD = ["anondrop.pipeline"]
+PRELOAD = ["anondrop.workerboot"]
 
 
 def context() -> ForkServerContext:

@@ -1,0 +1,7 @@
+"""What the workers' fork server imports before it forks any worker: the pipeline, on a lean pydicom."""
+
+from anondrop.lean import import_pydicom
+
+import_pydicom()
+
+import anondrop.pipeline  # noqa: E402, F401
