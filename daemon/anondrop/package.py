@@ -27,6 +27,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+try:  # CRC-32 with carry-less multiplication: four times zlib's speed, and the same checksum
+    from isal.isal_zlib import crc32 as crc32
+except ImportError:  # a platform without an isal wheel
+    from zlib import crc32 as crc32
+
 log = logging.getLogger("anondrop")
 
 Compression = Literal["stored", "deflate"]

@@ -39,7 +39,7 @@ from anondrop.ingest import containers
 from anondrop.ingest import overrides as overrides_mod
 from anondrop.ingest.scan import OVERRIDE_NAME, BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
 from anondrop.naming import Namer, as_path, folder_levels, unique_entry
-from anondrop.package import SeriesZip, read_parts, unique_path
+from anondrop.package import SeriesZip, crc32, read_parts, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
 from anondrop.sitekey import load_or_create
 
@@ -117,7 +117,7 @@ def _pack(res: engine.Result) -> Packed:
     parts: list[bytes | tuple[int, int]] = []
     pending: list[bytes | memoryview] = []
     for part in res.parts:
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
         sha.update(part)
         if span is not None and (pos, pos + len(part)) == res.pixel_out:
             parts += [b"".join(pending), (span[0], span[1] - span[0])]
