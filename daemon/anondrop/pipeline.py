@@ -61,6 +61,9 @@ SERIES_GATED = "series_stopped_by_gate"
 
 _BATCH_FILES = 16
 _BATCH_BYTES = 8 * 1024 * 1024
+# A series' output headers are kept for the cross-check at its end: as they are up to this many bytes,
+# compressed beyond (so memory does not grow with the series).
+_HEADERS_PLAIN = 16 * 1024 * 1024
 
 
 # -- worker side ------------------------------------------------------------------------------------------
@@ -466,7 +469,8 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     first: engine.Report | None = None
     rel_out: PurePosixPath | None = None
     folders: list[tuple[int, str]] = []
-    headers: list[tuple[bytes, Identifiers]] = []
+    headers: list[tuple[bytes, bool, Identifiers]] = []  # (header, compressed, the file's identifiers)
+    plain = 0
     bad: list[tuple[FileInfo, str, str]] = []
     burned: str | None = None
     hits: list[GateHit] = []
@@ -499,7 +503,11 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 hits.extend(GateHit(f"instance {len(written) + 1}: {h.where}", h.kind) for h in res.hits)
             if burned or hits:
                 continue  # the series will not go out; keep reading only to account for every file
-            headers.append((zlib.compress(res.header, 1), res.identifiers))
+            plain += len(res.header)
+            if plain <= _HEADERS_PLAIN:
+                headers.append((res.header, False, res.identifiers))
+            else:
+                headers.append((zlib.compress(res.header, 1), True, res.identifiers))
             if zipw is None:
                 first = res.report
                 if lane.naming.preserve_folders:
@@ -531,7 +539,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
                 carried.copy_before(zipw, res.report.instance_number, entry_name)
             _add(zipw, entry_name(res.report.values), f, res)
             written.append(f)
-        ids = Identifiers.union(own for _blob, own in headers)
+        ids = Identifiers.union(own for _blob, _packed, own in headers)
         if carried is not None and zipw is not None and not burned and not hits:
             carried.copy_before(zipw, None, entry_name)
             hits.extend(carried.gate(ids))
@@ -539,8 +547,8 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             # Cross-check: an identifier of any file of the series, in any file's output.
             # Each worker already searched its file for the file's own identifiers; what is left is
             # the rest of the series' (other instances' UIDs, another file's dates).
-            for i, (blob, own) in enumerate(headers):
-                header = zlib.decompress(blob)
+            for i, (blob, packed, own) in enumerate(headers):
+                header = zlib.decompress(blob) if packed else blob
                 if ids.contains_beyond(header, own):
                     hits.extend(scan_bytes(header, ids.minus(own), f"instance {i + 1}: "))
             manifest = _manifest(lane, first, len(entry_names))
