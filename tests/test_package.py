@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from anondrop import package
+from anondrop import libc, package
 from anondrop.package import SeriesZip, clean_stale_temps, fsync_dir, unique_path
 from tests.conftest import require_tool
 
@@ -125,9 +125,9 @@ def test_commit_refuses_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_no_overwrite_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = package._libc
+    real = libc.function
     # as on a system whose libc lacks the call
-    monkeypatch.setattr(package, "_libc", lambda name, *types: None if name == "renameat2" else real(name, *types))
+    monkeypatch.setattr(libc, "function", lambda name, *types: None if name == "renameat2" else real(name, *types))
     final = tmp_path / "s.zip"
     with SeriesZip(final) as z:
         z.add("a", b"a")

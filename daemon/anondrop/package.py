@@ -21,11 +21,12 @@ import secrets
 import stat
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import cache
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
+
+from anondrop import libc
 
 try:  # CRC-32 with carry-less multiplication: four times zlib's speed, and the same checksum
     from isal.isal_zlib import crc32 as crc32
@@ -376,22 +377,10 @@ _WRITEBACK_BYTES = 16 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-@cache
-def _libc(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Callable[..., int] | None:
-    """A libc function with errno kept, looked up once; None where this libc lacks it."""
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (AttributeError, OSError, TypeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
 def start_writeback(fd: int) -> None:
     """Ask the kernel to start writing a file's dirty pages (Linux sync_file_range, not waiting); a no-op
     where that call does not exist. Durability still comes from fsync alone."""
-    fn = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn = libc.function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     if fn is not None:
         fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
@@ -403,7 +392,7 @@ def rename_no_replace(src: Path, dst: Path) -> None:
     name cannot be overwritten. It is still a rename (readers watching for moved-in files see it). Where the
     call or the filesystem lacks it, a check before os.replace leaves only a very narrow window.
     """
-    fn = _libc("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn = libc.function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     if fn is not None:
         rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
         if rc == 0:
