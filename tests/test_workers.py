@@ -15,20 +15,26 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from anondrop import lease, pipeline
 from anondrop.deid.policy import build_policy
 from anondrop.deid.pseudonyms import Keys
 from anondrop.ingest import scan
 from anondrop.pipeline import Workers
-from tests.conftest import sample, sample_files, write_instances
+from tests.conftest import Site, sample, sample_files, write_instances
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the odd sample files
 ROUTE_TAGS = (0x00080060, 0x00080070, 0x00081010)  # Modality, Manufacturer, StationName
 KEYS = Keys(secret=b"w" * 32)
 
 
-@pytest.fixture
-def workers() -> Iterator[Workers]:
+@pytest.fixture(params=["fork", "forkserver"])
+def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workers]:
+    """A pool of two, its processes forked from this one or from the fork server (as when threads run)."""
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: request.param == "fork")
     pool = Workers(2, {"default": build_policy(options=[])}, KEYS)
+    assert pool.pool is not None
+    assert pool.pool._mp_context.get_start_method() == request.param  # type: ignore[attr-defined]
+    monkeypatch.undo()
     try:
         while not pool.ready():
             time.sleep(0.01)
@@ -77,8 +83,9 @@ def test_instances_are_de_identified_alike_here_and_in_the_pool(
 def test_workers_get_the_policies_as_they_were_when_the_pool_was_made(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # This process de-identifies while the workers start, with the same policy objects; what the engine
-    # caches on them meanwhile (keyed by object ids) must not reach a worker.
+    # This process de-identifies while the fork server's workers start, with the same policy objects; the
+    # workers must get them as they were (pickled when the pool was made), whatever this process cached.
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: False)
     paths = write_instances(tmp_path, dcmread(sample("CT_small.dcm")), 4)
     batch = ("default", {}, [(i, str(p)) for i, p in enumerate(paths)])
     go = threading.Event()
@@ -112,9 +119,33 @@ def _loaded() -> set[str]:
 
 
 def test_workers_import_pydicom_without_its_pixel_stack(workers: Workers) -> None:
-    # numpy, Pillow and requests are installed here (the test tools need them), yet a worker never loads
-    # them: it never decodes pixel data, and they would cost each process a fifth of a second.
-    assert not PIXEL_STACK & workers._started().submit(_loaded).result()
+    # numpy, Pillow and requests are installed here (the test tools need them), yet a worker from the fork
+    # server never loads them: it never decodes pixel data, and they would cost each process a fifth of a
+    # second. (A forked worker has what this process has: the CLI's process, below.)
+    loaded = workers._started().submit(_loaded).result()
+    if workers.pool._mp_context.get_start_method() == "forkserver":  # type: ignore[union-attr]
+        assert not PIXEL_STACK & loaded
+    else:
+        assert PIXEL_STACK & loaded == PIXEL_STACK & _loaded()
+
+
+def test_once_never_loads_the_pixel_stack(site: Site) -> None:
+    write_instances(site.inbox / "ct", dcmread(sample("CT_small.dcm")), 3)
+    site.write_config()
+    code = (
+        "import sys\n"
+        "from anondrop.cli import main\n"
+        f"sys.argv = ['anondrop', 'once', '--config', {str(site.config)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        f"print(sorted({PIXEL_STACK!r} & {{n.partition('.')[0] for n in sys.modules}}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert len(site.outputs()) == 1
 
 
 def test_the_cli_hides_the_pixel_stack_from_pydicom_only_while_importing_it() -> None:
@@ -130,3 +161,47 @@ def test_the_cli_hides_the_pixel_stack_from_pydicom_only_while_importing_it() ->
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_workers_end_with_the_process_that_made_them(tmp_path: Path, start: str) -> None:
+    # A forked worker holds copies of its parent's descriptors, the lease's flock among them: after a
+    # `kill -9` of `once`, an orphaned worker would keep the state folder locked, and the next run "busy".
+    state = tmp_path / "state"
+    script = (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from anondrop import lease, pipeline\n"
+        "from anondrop.deid.policy import build_policy\n"
+        "from anondrop.deid.pseudonyms import Keys\n"
+        f"pipeline._can_fork = lambda: {start == 'fork'}\n"
+        f"held = lease.take(Path({str(state)!r}), 'test')\n"
+        "w = pipeline.Workers(2, {'default': build_policy(options=[])}, Keys(secret=b'w' * 32))\n"
+        "while not w.ready():\n"
+        "    time.sleep(0.01)\n"
+        "print(*w.pool._processes, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        with pytest.raises(lease.LeaseHeld):
+            lease.take(state, "while it runs")
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids)
+    lease.take(state, "after it was killed").release()

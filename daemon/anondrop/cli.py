@@ -8,7 +8,6 @@ another anondrop process (the daemon or a `once`) is working on the same state f
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -62,17 +61,6 @@ def _load(path: Path | None) -> Config:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
-def _start_workers_early() -> None:
-    """Start the worker pool's fork server first thing: it imports the engine (most of a second) while this
-    process loads the config and reads the inbox, instead of after. (With `processing.workers = 1` it is
-    started for nothing, and exits with the command.)"""
-    if (os.cpu_count() or 1) > 1:
-        from anondrop import forkserver
-
-        forkserver.start()
-    _lean_pydicom()
-
-
 def _lean_pydicom() -> None:
     """pydicom for a command that de-identifies: without numpy, Pillow and requests (see anondrop.lean)."""
     from anondrop.lean import import_pydicom
@@ -93,6 +81,8 @@ def _logging(verbose: bool) -> None:
 
 def _progress_factory(progress: Progress) -> Callable[[int], Callable[[int], None]]:
     def factory(total: int) -> Callable[[int], None]:
+        progress.start()  # at the first series, not before: its refresh thread must not exist when the
+        # worker processes are forked (see pipeline.Workers); a second start() is a no-op
         task = progress.add_task("de-identifying", total=total)
         return lambda n: progress.advance(task, n)
 
@@ -122,22 +112,25 @@ def _print_summary(summary: Summary, title: str) -> None:
 
 def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | None], Summary]) -> Summary:
     if err.is_terminal:
-        with Progress(
+        progress = Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=err,
             transient=True,
-        ) as progress:
-            return fn(_progress_factory(progress))
+        )
+        try:
+            return fn(_progress_factory(progress))  # started by the factory
+        finally:
+            progress.stop()
     return fn(None)
 
 
 @app.command()
 def once(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Process every series now in the inbox once, then exit."""
-    _start_workers_early()
+    _lean_pydicom()
     from anondrop.batch import run_once
     from anondrop.lease import LeaseHeld
 
@@ -160,7 +153,7 @@ def anonymize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """De-identify PATH into ZIPs under --out, by the config's rules; PATH and the inbox are left untouched."""
-    _start_workers_early()
+    _lean_pydicom()
     from anondrop.batch import run_anonymize
 
     _logging(verbose)

@@ -1,20 +1,20 @@
-"""How worker processes start: forked from a server that has already imported what a worker runs.
+"""Where worker processes come from when they cannot be forked from the main process: a fork server that
+has already imported what a worker runs.
 
-Not plain fork: the daemon has threads (watcher, courier, series) by the time it starts a pool, and the child
-of a threaded process can inherit a lock held by a thread that does not exist in it. Not spawn either: each
-worker would import pydicom and the engine itself, about half a second apiece, before its first file. The
-fork server imports them once, in parallel with the caller, and forks every worker ready to work.
+Plain fork is used while the main process runs no other thread (see pipeline.Workers). Once it does (the
+daemon after a reload: watcher, courier, series threads), the child of a fork could inherit a lock held by a
+thread that does not exist in it. Spawn would have each worker import pydicom and the engine itself before
+its first file; the fork server imports them once and forks every worker ready to work.
 """
 
 from __future__ import annotations
 
-from multiprocessing import current_process, forkserver, get_context
+from multiprocessing import get_context
 from multiprocessing.context import ForkServerContext
 
 # What a worker runs: anondrop.pipeline (the engine, pydicom without its pixel stack: anondrop.workerboot).
-# Not `__main__` (multiprocessing's default): for
-# a program started as a script, each worker runs the script again whatever the server imported; for the
-# installed `anondrop` command that imports the CLI module, which is kept light for this reason.
+# Not `__main__` (multiprocessing's default): for a program started as a script, each worker would run the
+# script again whatever the server imported.
 PRELOAD = ["anondrop.workerboot"]
 
 
@@ -22,13 +22,3 @@ def context() -> ForkServerContext:
     ctx = get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # in effect only if the server is not running yet
     return ctx
-
-
-def start() -> None:
-    """Start the fork server now, without waiting for it: it imports while the caller reads its config and
-    inbox, and the worker pool forks from it later at no cost. Not from a worker process, which may be
-    running the program's script again as it starts."""
-    if current_process().name != "MainProcess":
-        return
-    context()
-    forkserver.ensure_running()

@@ -14,9 +14,11 @@ import glob
 import hashlib
 import json
 import logging
+import multiprocessing.connection
 import os
 import pickle
 import shutil
+import sys
 import threading
 import zipfile
 import zlib
@@ -24,6 +26,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -160,9 +163,32 @@ def _warm() -> None:
     """Nothing: submitted once per worker so that the pool starts its processes right away."""
 
 
+def _die_with_parent() -> None:
+    """End this worker when the process that made the pool ends, `kill -9` included. Workers do not notice
+    it otherwise (they wait on their queue), and an orphan would live on: one forked from the main process
+    holds copies of its descriptors, the lease's flock among them, so the next run would find the state
+    folder busy; one from the fork server keeps the fork server alive."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        multiprocessing.connection.wait([sentinel])  # readable once the parent has ended
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_pool_worker(policies: dict[str, Policy], keys: Keys) -> None:
+    _die_with_parent()
+    _init_worker(policies, keys)
+
+
 def _init_worker_from(state: bytes) -> None:
     """_init_worker with the policies and keys pickled once, when the pool was made, rather than once per
     worker as each starts (while this process already de-identifies with the same objects)."""
+    _die_with_parent()
     _init_worker(*pickle.loads(state))
 
 
@@ -171,9 +197,21 @@ def _info_batch(job: tuple[tuple[int, ...], list[tuple[str, str, str | None]]]) 
     return [read_info(Path(p), rel, Path(c) if c else None, extra) for p, rel, c in batch]
 
 
+def _can_fork() -> bool:
+    """Whether worker processes may be forked from this process itself: on Linux, while it runs no other
+    thread. (The child of a threaded process can inherit a lock that a thread held at the fork, held for
+    ever since the thread does not exist in the child.)"""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
 class Workers:
     """In-process for one worker; otherwise a process pool, fed a bounded window of batches (flat memory).
-    This process does the work itself while the pool's processes start."""
+
+    The pool's processes are forked from this one when it runs no other thread yet (`once`, `anonymize` and
+    the daemon make their pool before their threads): they start at once, with the engine already imported.
+    Otherwise (the daemon's pool after a reload) they come from the fork server (anondrop.forkserver), and
+    this process does the work itself until they are up.
+    """
 
     def __init__(self, count: int, policies: dict[str, Policy], keys: Keys) -> None:
         self.count = count
@@ -182,7 +220,16 @@ class Workers:
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         self._here = threading.Lock()  # one batch at a time in this process (series run on threads)
-        if count > 1:
+        _init_worker(policies, keys)  # this process works too, until the pool is up
+        if count > 1 and _can_fork():
+            self.pool = ProcessPoolExecutor(
+                count,
+                mp_context=get_context("fork"),
+                initializer=_init_pool_worker,
+                initargs=(policies, keys),
+            )
+            self._start(self.pool)  # the first submit forks every worker, before the pool's own threads
+        elif count > 1:
             self.pool = ProcessPoolExecutor(
                 count,
                 mp_context=forkserver.context(),
@@ -193,7 +240,6 @@ class Workers:
             # waits until the fork server has imported the engine, which the caller need not wait for.
             self._starter = threading.Thread(target=self._start, args=(self.pool,), name="workers", daemon=True)
             self._starter.start()
-        _init_worker(policies, keys)  # this process works too, until the pool is up
 
     def _start(self, pool: ProcessPoolExecutor) -> None:
         try:
@@ -204,17 +250,18 @@ class Workers:
 
     def _started(self) -> ProcessPoolExecutor:
         """The pool, once its processes have been started; raises what starting them raised."""
-        assert self.pool is not None and self._starter is not None
-        self._starter.join()
+        assert self.pool is not None
+        if self._starter is not None:
+            self._starter.join()
         if self._start_error is not None:
             raise self._start_error
         return self.pool
 
     def ready(self) -> bool:
         """True once every process of the pool runs (never without a pool)."""
-        if self._starter is None:
+        if self.pool is None or (self._starter is not None and self._starter.is_alive()):
             return False
-        return not self._starter.is_alive() and all(f.done() for f in self._warming)
+        return all(f.done() for f in self._warming)
 
     def map(self, batches: Iterable[Job]) -> Iterator[FileOutcome]:
         todo = iter(batches)
@@ -258,8 +305,8 @@ class Workers:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-            assert self._starter is not None
-            self._starter.join()
+            if self._starter is not None:
+                self._starter.join()
 
 
 def _batches(files: list[FileInfo], route: str, overrides: dict[int, tuple[str, str]]) -> Iterator[Job]:
