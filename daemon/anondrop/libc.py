@@ -1,4 +1,4 @@
-"""C library calls that Python's standard library does not wrap (Linux: sync_file_range, renameat2, prctl)."""
+"""C library calls that Python's standard library does not wrap (Linux: sync_file_range, renameat2)."""
 
 from __future__ import annotations
 
