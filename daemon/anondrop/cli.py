@@ -22,8 +22,8 @@ from rich.table import Table
 
 from anondrop import __version__
 
-# The rest of anondrop (the config's models, pydicom) is imported where used: `once` first starts the
-# workers' fork server, which imports it in parallel, and workers started from a script run this module again.
+# The rest of anondrop (the config's models, pydicom) is imported where used: commands that read no DICOM stay
+# light, and those that do import pydicom without its pixel stack before anything else can (anondrop.lean).
 if TYPE_CHECKING:
     from anondrop.config import Config
     from anondrop.pipeline import Summary
