@@ -68,6 +68,14 @@ LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC
 ASCII_ONLY_VRS = frozenset({"UI", "DA", "DT", "TM", "CS", "AS", "DS", "IS"})  # values read as ASCII
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT", "OD", "OF", "OL", "OV"})
 
+# File meta (PS3.10 7.1). The output's is written anew: the standard elements below, for the output's own
+# SOP Class, Instance and transfer syntax. The application entity titles and addresses of the source, sender
+# and receiver and the private information (META_REMOVE) are dropped; any other meta element is kept (the
+# raw walker leaves such a file to the pydicom walker).
+META_STANDARD = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013})
+META_REMOVE = frozenset({0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100,
+                         0x00020102})
+
 # Coded values are controlled terminology, not free text: kept inside dummied sequences.
 CODE_TAGS = frozenset(
     int(t)

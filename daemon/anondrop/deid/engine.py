@@ -59,6 +59,8 @@ from anondrop.deid.actions import (
     FREE_TEXT_DATES,
     LONG_HEADER_VRS,
     MAX_LENGTH,
+    META_REMOVE,
+    META_STANDARD,
     PIXEL_TAGS,
     TEXT_VRS,
     dummy,
@@ -89,7 +91,6 @@ from anondrop.deid.policy import (
 from anondrop.deid.pseudonyms import Keys
 
 DEFER_SIZE = 2048
-META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 # PS3.5 B.2 UUID-derived UID naming this implementation (fixed, not per site).
 IMPLEMENTATION_CLASS_UID = "2.25.186104856725366407405263573478591476530"
 IMPLEMENTATION_VERSION = f"ANONDROP_{__version__}".replace(".", "")[:16]
@@ -874,12 +875,9 @@ def _mark_bytes(policy: Policy, implicit: bool, encodings: object) -> dict[int, 
     return cache[implicit]
 
 
-_META_STANDARD = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013})
-
-
 def _meta_bytes(old: FileMetaDataset | None, ds: Dataset, ts: str) -> bytes | None:
     """File meta (PS3.10 7.1) encoded directly; None when the input carries other meta elements to keep."""
-    if old is not None and any(int(t) not in _META_STANDARD and int(t) not in META_REMOVE for t in old.keys()):
+    if old is not None and any(int(t) not in META_STANDARD and int(t) not in META_REMOVE for t in old.keys()):
         return None
     return _encode_meta(plain(ds, "SOPClassUID"), plain(ds, "SOPInstanceUID"), ts)
 

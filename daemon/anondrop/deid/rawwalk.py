@@ -30,6 +30,8 @@ from anondrop.deid.actions import (
     FREE_TEXT_DATES,
     LONG_HEADER_VRS,
     MAX_LENGTH,
+    META_REMOVE,
+    META_STANDARD,
     NUMERIC_VRS,
     PIXEL_TAGS,
     TEXT_VRS,
@@ -74,10 +76,7 @@ _ENCAPSULATED_TS_PREFIXES = ("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")
 _ENCAPSULATED_TS = frozenset({"1.2.840.10008.1.2.1.98"})
 # Specific Character Set terms decoded and encoded without pydicom, and the codec pydicom uses for each.
 _CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
-_META_KNOWN = frozenset(
-    {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013,
-     0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102}
-)
+_META_KNOWN = META_STANDARD | META_REMOVE  # other meta elements: the pydicom walker keeps them
 _SPLIT_VRS = frozenset({"LO", "SH", "UC"})  # text VRs pydicom splits into values at backslashes
 _SINGLE_VRS = frozenset({"LT", "ST", "UT"})
 _NUMBER_FORMATS = {"FL": "<f", "FD": "<d", "SL": "<l", "SS": "<h", "UL": "<L", "US": "<H", "SV": "<q", "UV": "<Q"}
