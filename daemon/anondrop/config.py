@@ -106,7 +106,7 @@ class Deidentify(_Section):
     @field_validator("rules")
     @classmethod
     def _rule_keys(cls, v: dict[str, str]) -> dict[str, str]:
-        from pydicom.datadict import tag_for_keyword
+        from anondrop.dicomdict import tag_for_keyword
 
         for key in v:
             if _TAG_RE.match(key) or tag_for_keyword(key) is not None:
@@ -261,7 +261,7 @@ class Route(_Section):
     @field_validator("match")
     @classmethod
     def _match_keys(cls, v: dict[str, MatchValue]) -> dict[str, MatchValue]:
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
+        from anondrop.dicomdict import dictionary_VR, tag_for_keyword
 
         for key, value in v.items():
             tag = tag_for_keyword(key)

@@ -29,12 +29,11 @@ def _stderr_is_journal() -> bool:
 
 def quiet_pydicom() -> None:
     """pydicom's validation warnings quote the offending value, which may be a patient's name or date:
-    such a line must never reach a log. Values are validated by the engine and the release gate instead."""
-    from pydicom import config
+    such a line must never reach a log. Values are validated by the engine and the release gate instead.
+    Takes effect now or when pydicom is imported, whichever comes later (anondrop.lean)."""
+    from anondrop.lean import install
 
-    config.settings.reading_validation_mode = config.IGNORE
-    config.settings.writing_validation_mode = config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    install()
 
 
 def setup_daemon_logging(verbose: bool = True) -> None:

@@ -107,7 +107,7 @@ def _check_field(name: str, special: frozenset[str], what: str) -> None:
     others = sorted((PATH_SPECIAL | ENTRY_SPECIAL) - special)
     if name in others:
         raise TemplateError(f"{what}: {{{name}}} cannot be used here")
-    from pydicom.datadict import tag_for_keyword
+    from anondrop.dicomdict import tag_for_keyword
 
     if tag_for_keyword(name) is None:
         raise TemplateError(
@@ -156,10 +156,9 @@ def check_templates(naming: Naming) -> None:
 
 def identity_reason(keyword: str, policy: Policy) -> str | None:
     """Why a template field would carry an original identifier under this policy (None: it is safe)."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
-
     from anondrop.deid.actions import TEXT_VRS
     from anondrop.deid.policy import CLEAN, KEEP
+    from anondrop.dicomdict import dictionary_VR, tag_for_keyword
 
     tag = tag_for_keyword(keyword)
     if tag is None:

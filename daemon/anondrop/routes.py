@@ -16,10 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydicom.datadict import tag_for_keyword
-
 from anondrop import naming as naming_mod
 from anondrop.deid.policy import Policy, build_policy
+from anondrop.dicomdict import tag_for_keyword
 from anondrop.ingest.scan import FileInfo
 
 if TYPE_CHECKING:

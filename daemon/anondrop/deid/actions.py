@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from functools import cache
+from typing import TYPE_CHECKING
 
-from pydicom import Dataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.tag import BaseTag
-from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
+from anondrop.dicomdict import dictionary_VR, tag_for_keyword
+
+# pydicom itself only where a function here is given its objects (the policy and the gate's names and
+# constants are used where pydicom is not imported: see anondrop.dicomdict).
+if TYPE_CHECKING:
+    from pydicom import Dataset
+    from pydicom.dataelem import DataElement, RawDataElement
+    from pydicom.tag import BaseTag
 
 DUMMY_TEXT = "ANONYMIZED"
 DUMMY_DATE = "19000101"
@@ -122,10 +127,17 @@ def vr_of(elem: DataElement | RawDataElement, tag: int) -> str:
     return str(vr or "UN")
 
 
+@cache
+def _uid_dictionary() -> frozenset[str]:
+    from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
+
+    return frozenset(UID_dictionary)
+
+
 def is_well_known_uid(uid: str) -> bool:
     """SOP classes, transfer syntaxes, coding schemes, well-known frames of reference: never remapped."""
     uid = uid.strip("\0 ")
-    return uid.startswith(DICOM_UID_ROOT) or uid in UID_dictionary
+    return uid.startswith(DICOM_UID_ROOT) or uid in _uid_dictionary()
 
 
 def dummy(vr: str) -> object:

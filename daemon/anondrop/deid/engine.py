@@ -89,6 +89,7 @@ from anondrop.deid.policy import (
     method_codes,
 )
 from anondrop.deid.pseudonyms import Keys
+from anondrop.deid.report import Report as Report  # re-exported: the engine's result type
 
 DEFER_SIZE = 2048
 # PS3.5 B.2 UUID-derived UID naming this implementation (fixed, not per site).
@@ -172,23 +173,6 @@ class Truncated(DeidError):
 
 class MissingUID(DeidError):
     code = "missing-uid"
-
-
-@dataclass
-class Report:
-    """What was done to one instance; holds only de-identified values (safe to log)."""
-
-    sop_class_uid: str = ""
-    sop_instance_uid: str = ""
-    study_uid: str = ""
-    series_uid: str = ""
-    patient_id: str = ""
-    modality: str = ""
-    series_number: str = ""
-    instance_number: int | None = None
-    burned_in: str | None = None
-    counts: Counter[str] = field(default_factory=Counter)
-    values: dict[str, str] = field(default_factory=dict)  # output values the naming templates use
 
 
 @dataclass

@@ -18,11 +18,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
-
 from anondrop.deid import _ps315
 from anondrop.deid.actions import CODE_TAGS, TEXT_VRS
 from anondrop.deid.requirements import resolve_combined
+from anondrop.dicomdict import keyword_for_tag, tag_for_keyword
 
 EDITION = _ps315.EDITION
 OPTIONS: tuple[str, ...] = _ps315.OPTIONS

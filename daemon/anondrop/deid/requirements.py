@@ -20,7 +20,7 @@ here is treated as Type 3. The dciodvfy conformance tests check these choices on
 
 from __future__ import annotations
 
-from pydicom.datadict import tag_for_keyword
+from anondrop.dicomdict import tag_for_keyword
 
 # Strongest Type (1 or 2) in any composite IOD, for attributes with a combined code in Table E.1-1.
 _STRONGEST_TYPE: dict[str, int] = {

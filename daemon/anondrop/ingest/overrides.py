@@ -15,8 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.datadict import tag_for_keyword
-
+from anondrop.dicomdict import tag_for_keyword
 from anondrop.ingest.scan import OVERRIDE_NAME
 
 # keyword -> (VR, longest value the VR allows)

@@ -13,14 +13,14 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
-from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
+from typing import TYPE_CHECKING
 
 from anondrop.ingest.containers import JUNK_DIRS, JUNK_NAMES  # one list of OS junk for folders and ZIPs
+
+# pydicom only for the files the quick reader below declines: the main process reads headers itself while
+# its workers start, and it does not import pydicom for that (see pipeline.Workers).
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 OVERRIDE_NAME = "anondrop.toml"
@@ -104,6 +104,9 @@ def _last_tag(extra: tuple[int, ...]) -> int:
 
 
 def _read_grouping(path: Path, force: bool, extra: tuple[int, ...] = ()) -> Dataset:
+    from pydicom.filereader import read_partial
+    from pydicom.tag import BaseTag
+
     last = _last_tag(extra)
 
     def past(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -114,6 +117,8 @@ def _read_grouping(path: Path, force: bool, extra: tuple[int, ...] = ()) -> Data
 
 
 def _attr(ds: Dataset, tag: int) -> str:
+    from pydicom.multival import MultiValue
+
     elem = ds.get(tag)
     if elem is None or elem.value is None:
         return ""
@@ -210,6 +215,18 @@ def read_info(path: Path, rel: str, container: Path | None = None, extra: tuple[
         quick = None  # pydicom's read below says what the problem is
     if quick is not None:
         return _info(path, rel, st, container, extra, *quick)
+    return _read_info_pydicom(path, rel, st, container, extra)
+
+
+def _read_info_pydicom(
+    path: Path, rel: str, st: os.stat_result, container: Path | None, extra: tuple[int, ...]
+) -> FileInfo | BadFile:
+    """read_info for a file the quick reader declines: pydicom reads it, and says what is wrong with it."""
+    from anondrop.lean import install
+
+    install()
+    from pydicom.errors import InvalidDicomError
+
     try:
         ds = _read_grouping(path, force=False, extra=extra)
     except InvalidDicomError:
