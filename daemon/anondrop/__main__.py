@@ -1,3 +1,4 @@
-from anondrop.cli import main
+from anondrop.launch import main
 
-main()
+if __name__ == "__main__":
+    main()

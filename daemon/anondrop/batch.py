@@ -56,7 +56,7 @@ def run_once(cfg: Config, progress: ProgressFactory | None = None) -> Summary:
     journal = Journal(cfg.paths.state / "journal.sqlite")
     routes, keys = build_routes(cfg), make_keys(cfg)
     cross = open_crosswalk(cfg)
-    workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
+    workers = Workers(cfg.processing.worker_count(), routes.policies, keys, light=True)
     series_pool = ThreadPoolExecutor(2, thread_name_prefix="series")
     courier: Courier | None = None
     try:
@@ -159,7 +159,7 @@ def run_anonymize(cfg: Config, source: Path, out: Path, progress: ProgressFactor
     summary = Summary()
     out.mkdir(parents=True, exist_ok=True)
     routes, keys = build_routes(cfg), make_keys(cfg)
-    workers = Workers(cfg.processing.worker_count(), routes.policies, keys)
+    workers = Workers(cfg.processing.worker_count(), routes.policies, keys, light=True)
     try:
         base = source if source.is_dir() else source.parent
         inv = take_inventory(cfg, [source], base, summary, workers, routes.match_tags)

@@ -23,7 +23,8 @@ from rich.table import Table
 from anondrop import __version__
 
 # The rest of anondrop (the config's models, pydicom) is imported where used: commands that read no DICOM stay
-# light, and those that do import pydicom without its pixel stack before anything else can (anondrop.lean).
+# light. `once` and `anonymize` never import pydicom in this process (their workers do); the daemon imports
+# it without its pixel stack before anything else can (anondrop.lean).
 if TYPE_CHECKING:
     from anondrop.config import Config
     from anondrop.pipeline import Summary
@@ -67,6 +68,15 @@ def _lean_pydicom() -> None:
     from anondrop.lean import import_pydicom
 
     import_pydicom()
+
+
+def _early_workers() -> None:
+    """For `once` and `anonymize`, whose main process never imports pydicom: the workers' fork server starts
+    now, if the entry point has not started it yet (anondrop.launch), and imports the engine on another core
+    while this process loads the config."""
+    from anondrop.forkserver import start_early
+
+    start_early()
 
 
 def _logging(verbose: bool) -> None:
@@ -131,7 +141,7 @@ def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | No
 @app.command()
 def once(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Process every series now in the inbox once, then exit."""
-    _lean_pydicom()
+    _early_workers()
     from anondrop.batch import run_once
     from anondrop.lease import LeaseHeld
 
@@ -155,7 +165,7 @@ def anonymize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """De-identify PATH into ZIPs under --out, by the config's rules; PATH and the inbox are left untouched."""
-    _lean_pydicom()
+    _early_workers()
     from anondrop.batch import run_anonymize
 
     _logging(verbose)

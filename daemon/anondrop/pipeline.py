@@ -30,14 +30,11 @@ from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from pydicom import dcmread
-from pydicom.tag import BaseTag
-
 from anondrop import __version__, forkserver
-from anondrop.deid import engine
-from anondrop.deid.gate import GateHit, Identifiers, scan_bytes, scan_dataset, scan_names
+from anondrop.deid.identifiers import GateHit, Identifiers, scan_names
 from anondrop.deid.policy import Policy
 from anondrop.deid.pseudonyms import Keys
+from anondrop.deid.report import Report
 from anondrop.ingest import containers
 from anondrop.ingest import overrides as overrides_mod
 from anondrop.ingest.scan import OVERRIDE_NAME, BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
@@ -47,10 +44,13 @@ from anondrop.quarantine import QuarantineReason, quarantine_files
 from anondrop.sitekey import load_or_create
 
 # For types only: the crosswalk (and cryptography) is imported only where it is switched on; the config
-# (pydantic), the journal and the routes belong to the main process, and workers import this module.
+# (pydantic), the journal and the routes belong to the main process, and workers import this module. The
+# engine (and pydicom with it) is imported by the workers, and by the main process only where it works on
+# DICOM itself (see Workers): the main process of `once` runs without it.
 if TYPE_CHECKING:
     from anondrop.config import Config
     from anondrop.crosswalk import Crosswalk, Pair
+    from anondrop.deid.engine import Result
     from anondrop.journal import Journal
     from anondrop.routes import Lane, RouteTable
 
@@ -74,9 +74,11 @@ _worker_state: tuple[dict[str, Policy], Keys] | None = None
 
 
 def _init_worker(policies: dict[str, Policy], keys: Keys) -> None:
-    from anondrop.logs import quiet_pydicom
+    from anondrop.lean import import_pydicom
 
-    quiet_pydicom()  # worker stderr is the daemon's log
+    import_pydicom()  # lean, and quiet: worker stderr is the daemon's log
+    import anondrop.deid.engine  # noqa: F401
+
     global _worker_state
     _worker_state = (policies, keys)
 
@@ -98,7 +100,7 @@ class Packed:
     size: int
     crc: int
     sha256: str
-    report: engine.Report
+    report: Report
     hits: list[GateHit]
     identifiers: Identifiers
     header: bytes
@@ -113,7 +115,7 @@ class FileOutcome:
     message: str = ""
 
 
-def _pack(res: engine.Result) -> Packed:
+def _pack(res: Result) -> Packed:
     """Size, CRC-32 and SHA-256 over the output's parts; a large unchanged pixel span becomes a reference
     into the source file instead of bytes (the packager copies it from there)."""
     span = res.pixel_in
@@ -140,6 +142,8 @@ Job = tuple[str, dict[int, tuple[str, str]], list[tuple[int, str]]]  # (route, o
 
 
 def _process_batch(job: Job) -> list[FileOutcome]:
+    from anondrop.deid import engine
+
     assert _worker_state is not None
     policies, keys = _worker_state
     route, overrides, batch = job
@@ -207,21 +211,28 @@ def _can_fork() -> bool:
 class Workers:
     """In-process for one worker; otherwise a process pool, fed a bounded window of batches (flat memory).
 
-    The pool's processes are forked from this one when it runs no other thread yet (`once`, `anonymize` and
-    the daemon make their pool before their threads): they start at once, with the engine already imported.
-    Otherwise (the daemon's pool after a reload) they come from the fork server (anondrop.forkserver), and
-    this process does the work itself until they are up.
+    Where the pool's processes come from:
+    - `light` (`once`, `anonymize`): this process never imports the engine (nor pydicom). The fork server
+      (anondrop.forkserver), started as early as the command allows, imports it meanwhile on another core
+      and forks every worker from there. This process reads headers itself until they are up, and waits for
+      them to de-identify.
+    - otherwise (the daemon): forked from this process, with the engine imported first, while it runs no
+      other thread yet (the daemon makes its pool before its threads); they start at once. When threads
+      already run (the daemon's pool after a reload) they come from the fork server, and this process does
+      the work itself until they are up.
     """
 
-    def __init__(self, count: int, policies: dict[str, Policy], keys: Keys) -> None:
+    def __init__(self, count: int, policies: dict[str, Policy], keys: Keys, *, light: bool = False) -> None:
         self.count = count
         self.pool: ProcessPoolExecutor | None = None
         self._warming: list[Future[None]] = []
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         self._here = threading.Lock()  # one batch at a time in this process (series run on threads)
-        _init_worker(policies, keys)  # this process works too, until the pool is up
-        if count > 1 and _can_fork():
+        self._works_here = count <= 1 or not light  # de-identifies in this process (until the pool is up)
+        if self._works_here:
+            _init_worker(policies, keys)
+        if count > 1 and not light and _can_fork():
             self.pool = ProcessPoolExecutor(
                 count,
                 mp_context=get_context("fork"),
@@ -267,7 +278,7 @@ class Workers:
         todo = iter(batches)
         # This process does the batches itself, one at a time, until the pool is up (all of them without a
         # pool): the first series does not wait for the workers to start.
-        while not self.ready():
+        while self._works_here and not self.ready():
             batch = next(todo, None)
             if batch is None:
                 return
@@ -490,7 +501,7 @@ def _override_folders(ctx: Context, files: list[FileInfo], lane: Lane) -> list[P
     return overrides_mod.chain(inner, root) + overrides_mod.chain(first.container.parent, stop)
 
 
-def _values(report: engine.Report, route: str, keys: Keys) -> dict[str, str]:
+def _values(report: Report, route: str, keys: Keys) -> dict[str, str]:
     return {
         **report.values,
         "route": route,
@@ -513,7 +524,7 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
     sizes: dict[str, int] = {}  # original SOP Instance UID -> size of the copy written
     cfg = ctx.cfg
     zipw: SeriesZip | None = None
-    first: engine.Report | None = None
+    first: Report | None = None
     rel_out: PurePosixPath | None = None
     folders: list[tuple[int, str]] = []
     headers: list[tuple[bytes, bool, Identifiers]] = []  # (header, compressed, the file's identifiers)
@@ -597,6 +608,8 @@ def process_series(ctx: Context, files: list[FileInfo], workers: Workers, summar
             for i, (blob, packed, own) in enumerate(headers):
                 header = zlib.decompress(blob) if packed else blob
                 if ids.contains_beyond(header, own):
+                    from anondrop.deid.gate import scan_bytes  # confirms on the parsed header
+
                     hits.extend(scan_bytes(header, ids.minus(own), f"instance {i + 1}: "))
             manifest = _manifest(lane, first, len(entry_names))
             named = _output_names(namer, series_values, lane, rel_out, folders, entry_names, manifest)
@@ -697,7 +710,7 @@ def _output_names(
     return named
 
 
-def _pairs(sources: set[tuple[str, str, str]], study: str, first: engine.Report) -> list[Pair]:
+def _pairs(sources: set[tuple[str, str, str]], study: str, first: Report) -> list[Pair]:
     from anondrop.crosswalk import Pair
 
     patient, new_study = first.patient_id, first.study_uid
@@ -741,6 +754,11 @@ class _Carried:
         path = ctx.outbox / row.output
         if not path.is_file():
             return None
+        from pydicom import dcmread
+        from pydicom.tag import BaseTag
+
+        from anondrop.deid.engine import plain_tag
+
         arriving = {_deid_uid(lane, ctx.keys, f.sop_uid) for f in files}
         tags = [0x00080018, 0x00200013, *(tag for _kw, tag in lane.policy.report_tags)]
         zf = zipfile.ZipFile(path)
@@ -756,7 +774,7 @@ class _Carried:
                 if str(ds.get("SOPInstanceUID", "")) in arriving:
                     continue
                 number = ds.get("InstanceNumber")
-                values = {kw: engine.plain_tag(ds, BaseTag(tag)) for kw, tag in lane.policy.report_tags}
+                values = {kw: plain_tag(ds, BaseTag(tag)) for kw, tag in lane.policy.report_tags}
                 entries.append((float(number) if number not in (None, "") else float("inf"), info, values))
         except Exception:
             zf.close()
@@ -776,6 +794,10 @@ class _Carried:
 
     def gate(self, ids: Identifiers) -> list[GateHit]:
         """The carried entries against the identifiers of the files that arrived now."""
+        from pydicom import dcmread
+
+        from anondrop.deid.gate import scan_dataset
+
         hits: list[GateHit] = []
         for name in self.copied:
             with self.zf.open(name) as fh:
@@ -819,7 +841,7 @@ def _rest(files: list[FileInfo], written: list[FileInfo], bad: list[tuple[FileIn
     return [f for f in files if id(f) not in done]
 
 
-def _manifest(lane: Lane, first: engine.Report, instances: int) -> dict[str, object]:
+def _manifest(lane: Lane, first: Report, instances: int) -> dict[str, object]:
     policy = lane.policy
     return {
         "format": "anondrop-series/1",
