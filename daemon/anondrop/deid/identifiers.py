@@ -179,18 +179,17 @@ class Identifiers:
     def contains_beyond(self, data: bytes, own: Identifiers) -> bool:
         """self.minus(own).contains(data), without building the difference for every file of a series.
 
-        What occurs in data is matched against the whole set first, which is cached once per series;
-        only a match of something `own` does not hold (rare: it is what the cross-check looks for) asks
-        the exact question of the difference.
+        The files of a series mostly share their names, IDs and dates: what self holds beyond `own` is
+        taken kind by kind (sets cached once per series and per file), and data is searched only for the
+        kinds where there is something beyond; UIDs (every file has its own) always. A date, or a phrase,
+        beyond `own` asks the exact question of the difference.
         """
-        tokens = set(_TOKEN.findall(data.upper()))
-        words = self._words_bytes & tokens
-        if words and not words <= own._words_bytes:
+        words = self._words_bytes - own._words_bytes
+        if words and not words.isdisjoint(_TOKEN.findall(data.upper())):
             return True
-        if self._date_keys and not self._date_keys.isdisjoint(_DIGITS.findall(data)):
-            forms = self._date_forms.intersection(_DATEISH.findall(data))
-            if forms and not forms <= own._date_forms:
-                return self.minus(own).contains(data)
+        forms = self._date_forms - own._date_forms
+        if forms and not forms.isdisjoint(_DATEISH.findall(data)):
+            return self.minus(own).contains(data)
         if self._uids_bytes:
             uids = self._uids_bytes.intersection(_UIDISH.findall(data))
             if uids and not uids <= own._uids_bytes:
