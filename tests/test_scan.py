@@ -35,3 +35,35 @@ def test_a_header_cut_short_is_not_placed_in_a_series(tmp_path: Path, cut: int) 
     info = scan.read_info(path, "cut.dcm")
     assert isinstance(info, scan.BadFile)
     assert info.code in ("truncated", "missing-uid")
+
+
+def test_a_zip_in_the_inbox_is_told_by_its_first_bytes_and_a_dual_personality_file_stays_dicom(
+    tmp_path: Path,
+) -> None:
+    import zipfile
+
+    archive = tmp_path / "export.dat"  # no .zip suffix: the bytes decide
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.dcm", sample("CT_small.dcm").read_bytes())
+    info = scan.read_info(archive, "export.dat")
+    assert isinstance(info, scan.BadFile) and info.code == scan.CONTAINER
+    # Inside a container, a nested archive is the unpacker's business, not a second container.
+    inner = scan.read_info(archive, "x.zip!export.dat", container=tmp_path / "x.zip")
+    assert isinstance(inner, scan.BadFile) and inner.code != scan.CONTAINER
+    # DICOM whose free-form preamble starts like a ZIP is DICOM: taken as a container it would be lost.
+    dual = tmp_path / "dual.dcm"
+    dual.write_bytes(b"PK\x03\x04" + sample("CT_small.dcm").read_bytes()[4:])
+    assert isinstance(scan.read_info(dual, "dual.dcm"), scan.FileInfo)
+
+
+def test_the_walk_lists_regular_files_in_a_stable_order_and_skips_links_hidden_and_junk(tmp_path: Path) -> None:
+    root = tmp_path / "inbox"
+    for rel in ("b/2.dcm", "b/1.dcm", "a.dcm", "b/c/3.dcm", ".hidden/x.dcm", "__MACOSX/y.dcm", "b/.DS_Store",
+                "b/Thumbs.db", "z.part"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "link.dcm").symlink_to(root / "a.dcm")
+    (root / "linked").symlink_to(root / "b", target_is_directory=True)
+    found = list(scan.walk(root, ["*.part"]))
+    assert [rel for _p, rel in found] == ["a.dcm", "b/1.dcm", "b/2.dcm", "b/c/3.dcm"]
+    assert all(p == root / rel for p, rel in found)

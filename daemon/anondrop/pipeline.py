@@ -37,7 +37,16 @@ from anondrop.deid.pseudonyms import Keys
 from anondrop.deid.report import Report
 from anondrop.ingest import containers
 from anondrop.ingest import overrides as overrides_mod
-from anondrop.ingest.scan import OVERRIDE_NAME, BadFile, FileInfo, Inventory, read_info, unpack_dir, walk
+from anondrop.ingest.scan import (
+    CONTAINER,
+    OVERRIDE_NAME,
+    BadFile,
+    FileInfo,
+    Inventory,
+    read_info,
+    unpack_dir,
+    walk,
+)
 from anondrop.naming import Namer, as_path, folder_levels, unique_entry
 from anondrop.package import SeriesZip, crc32, read_parts, unique_path
 from anondrop.quarantine import QuarantineReason, quarantine_files
@@ -410,27 +419,35 @@ def take_inventory(
     )
     todo: list[tuple[Path, str, Path | None]] = []
     for root in roots:
-        paths = [root] if root.is_file() else list(walk(root, cfg.input.ignore))
-        for path in paths:
-            rel = _rel(path, base)
-            if containers.is_zip(path):
-                inv.containers.append(path)
-                dest = unpack_dir(cfg.paths.state, path)
-                try:
-                    if dest.exists():
-                        shutil.rmtree(dest)
-                    members = containers.unpack_zip(path, dest, limits)
-                except containers.ContainerRejected as exc:
-                    inv.rejected_containers.append(BadFile(path, rel, "zip-rejected", exc.reason))
-                    continue
-                members = [m for m in members if m.name != OVERRIDE_NAME]  # read with its series instead
-                todo += [(m, f"{rel}!{m.relative_to(dest)}", path) for m in members]
-                continue
-            todo.append((path, rel, None))
-    infos = (
-        workers.read_infos(todo, extra) if workers is not None else [read_info(*item, extra) for item in todo]
-    )
-    for item in infos:
+        if root.is_file():
+            todo.append((root, _rel(root, base), None))
+            continue
+        prefix = "" if root == base else f"{_rel(root, base)}/"
+        todo += [(path, prefix + rel, None) for path, rel in walk(root, cfg.input.ignore)]
+
+    def read(items: list[tuple[Path, str, Path | None]]) -> list[FileInfo | BadFile]:
+        return workers.read_infos(items, extra) if workers is not None else [read_info(*i, extra) for i in items]
+
+    # ZIP archives are told from DICOM files as the headers are read (by their first bytes); their members
+    # are read in a second round, once they are unpacked.
+    members: list[tuple[Path, str, Path | None]] = []
+    for item in read(todo):
+        if not (isinstance(item, BadFile) and item.code == CONTAINER):
+            _place(inv, item)
+            continue
+        path, rel = item.path, item.rel
+        inv.containers.append(path)
+        dest = unpack_dir(cfg.paths.state, path)
+        try:
+            if dest.exists():
+                shutil.rmtree(dest)
+            unpacked = containers.unpack_zip(path, dest, limits)
+        except containers.ContainerRejected as exc:
+            inv.rejected_containers.append(BadFile(path, rel, "zip-rejected", exc.reason))
+            continue
+        unpacked = [m for m in unpacked if m.name != OVERRIDE_NAME]  # read with its series instead
+        members += [(m, f"{rel}!{m.relative_to(dest)}", path) for m in unpacked]
+    for item in read(members) if members else []:
         _place(inv, item)
     return inv
 

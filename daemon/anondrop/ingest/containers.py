@@ -104,6 +104,11 @@ def is_zip(path: Path) -> bool:
             head = f.read(_DICM_OFFSET + 4)
     except OSError:
         return False
+    return is_zip_head(head)
+
+
+def is_zip_head(head: bytes) -> bool:
+    """is_zip for a file's first bytes (its first 132, or all of it when shorter)."""
     if head[_DICM_OFFSET : _DICM_OFFSET + 4] == b"DICM":
         return False
     return head[:4] in _ZIP_MAGIC

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anondrop.ingest.containers import JUNK_DIRS, JUNK_NAMES  # one list of OS junk for folders and ZIPs
+from anondrop.ingest.containers import JUNK_DIRS, JUNK_NAMES, is_zip_head  # one list of OS junk for folders and ZIPs
 
 # pydicom only for the files the quick reader below declines: the main process reads headers itself while
 # its workers start, and it does not import pydicom for that (see pipeline.Workers).
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from pydicom import Dataset
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# BadFile.code of a ZIP archive found in the inbox (read_info tells it from its first bytes): not bad, a
+# container, which the caller unpacks and whose members it reads instead.
+CONTAINER = "container"
 OVERRIDE_NAME = "anondrop.toml"
 _GROUPING_TAGS = [
     0x00080016,  # SOPClassUID
@@ -85,15 +88,33 @@ def is_ignored(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def walk(root: Path, patterns: list[str]) -> Iterator[Path]:
-    """Every candidate file below root, in a stable order; hidden and junk folders are skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.casefold() not in JUNK_DIRS)
-        for name in sorted(filenames):
-            if not is_ignored(name, patterns):
-                path = Path(dirpath) / name
-                if path.is_file() and not path.is_symlink():
-                    yield path
+def walk(root: Path, patterns: list[str]) -> Iterator[tuple[Path, str]]:
+    """(path, path relative to root) of every candidate file below root, in a stable order: a folder's files
+    by name, then its subfolders by name. Hidden and junk folders are skipped, symbolic links are not
+    followed, unreadable folders are passed over. The directory entries say what is a regular file: no
+    call per file."""
+    yield from _walk(str(root), "", patterns)
+
+
+def _walk(folder: str, prefix: str, patterns: list[str]) -> Iterator[tuple[Path, str]]:
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return
+    subfolders = []
+    for entry in entries:
+        name = entry.name
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if not name.startswith(".") and name.casefold() not in JUNK_DIRS:
+                    subfolders.append(entry)
+            elif entry.is_file(follow_symlinks=False) and not is_ignored(name, patterns):
+                yield Path(entry.path), prefix + name
+        except OSError:
+            continue
+    for entry in subfolders:
+        yield from _walk(entry.path, f"{prefix}{entry.name}/", patterns)
 
 
 def _last_tag(extra: tuple[int, ...]) -> int:
@@ -141,16 +162,15 @@ _NOT_QUICK_TS = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # 
 _UNDEFINED = 0xFFFFFFFF
 
 
-def _quick_values(path: Path, last: int, wanted: frozenset[int]) -> tuple[str, dict[int, str]] | None:
-    """(MediaStorageSOPClassUID, {tag: text}) of a Part 10 file in little endian, without pydicom.
+def _quick_values(data: bytes, last: int, wanted: frozenset[int]) -> tuple[str, dict[int, str]] | None:
+    """(MediaStorageSOPClassUID, {tag: text}) of a Part 10 file in little endian, without pydicom, from its
+    first _QUICK_BYTES bytes (or all of it, when shorter).
 
     Reading 5 UIDs with pydicom costs a millisecond a file, most of a backlog's inventory. This reads the
     elements' bytes directly, and answers None for anything unusual (no preamble, big endian or deflated,
     an undefined length before the last wanted tag, a header longer than the first block, non-ASCII text,
     a length running past the end): pydicom then reads the file and says what is wrong with it.
     """
-    with path.open("rb") as fh:
-        data = fh.read(_QUICK_BYTES)
     if len(data) < 132 or data[128:132] != b"DICM":
         return None
     whole = len(data) < _QUICK_BYTES  # the block holds the whole file
@@ -210,9 +230,13 @@ def read_info(path: Path, rel: str, container: Path | None = None, extra: tuple[
     except OSError as exc:
         return BadFile(path, rel, "unreadable", f"cannot read the file: {exc.strerror}", container)
     try:
-        quick = _quick_values(path, _last_tag(extra), frozenset((*_GROUPING_TAGS, *extra)))
+        with path.open("rb") as fh:
+            head = fh.read(_QUICK_BYTES)
     except OSError:
-        quick = None  # pydicom's read below says what the problem is
+        head = b""  # pydicom's read below says what the problem is
+    if container is None and is_zip_head(head):
+        return BadFile(path, rel, CONTAINER, "a ZIP archive in the inbox: its members are read instead")
+    quick = _quick_values(head, _last_tag(extra), frozenset((*_GROUPING_TAGS, *extra))) if head else None
     if quick is not None:
         return _info(path, rel, st, container, extra, *quick)
     return _read_info_pydicom(path, rel, st, container, extra)
