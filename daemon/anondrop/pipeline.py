@@ -73,6 +73,10 @@ SERIES_GATED = "series_stopped_by_gate"
 
 _BATCH_FILES = 16
 _BATCH_BYTES = 8 * 1024 * 1024
+# Batches in flight per worker. Two left a worker waiting for its next batch while the main process was busy
+# packaging (about a tenth of a CT series' time); a result holds a batch's headers and small files' bytes,
+# large pixel data only as spans of the source, so four cost little memory.
+_WINDOW_PER_WORKER = 4
 # A series' output headers are kept for the cross-check at its end: as they are up to this many bytes,
 # compressed beyond (so memory does not grow with the series).
 _HEADERS_PLAIN = 16 * 1024 * 1024
@@ -298,7 +302,7 @@ class Workers:
         window: deque[Future[list[FileOutcome]]] = deque()
         for batch in todo:
             window.append(pool.submit(_process_batch, batch))
-            if len(window) >= self.count * 2:
+            if len(window) >= self.count * _WINDOW_PER_WORKER:
                 yield from window.popleft().result()
         while window:
             yield from window.popleft().result()
