@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -35,6 +36,11 @@ def test_anonymize_folder_leaves_source_and_inbox_untouched(
     res = cli("anonymize", source, "--out", out, "--config", site.config)
     assert res.returncode == 3, res.stdout + res.stderr  # notes.txt is reported as not DICOM
     assert "not-dicom" in res.stdout
+    # Its summary, read from a pipe: plain lines, no table drawing (a log or a cron mail shows it as it is).
+    lines = res.stdout.splitlines()
+    assert lines[0] == "anondrop anonymize"
+    assert re.fullmatch(r"  series delivered +2  2 files", lines[1]), lines
+    assert not set("┃│━┏┡╇└") & set(res.stdout)
     assert _digest(source) == before_src and _digest(site.inbox) == before_inbox
     assert not list(site.quarantine.rglob("*")) and not list(site.outbox.rglob("*.zip"))
     zips = sorted(out.rglob("*.zip"))

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
 
 from anondrop import __version__
 
@@ -26,6 +23,10 @@ from anondrop import __version__
 # light. `once` and `anonymize` never import pydicom in this process (their workers do); the daemon imports
 # it without its pixel stack before anything else can (anondrop.lean).
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
     from anondrop.config import Config
     from anondrop.pipeline import Summary
     from anondrop.routes import RouteTable
@@ -38,8 +39,32 @@ app = typer.Typer(
     # Tracebacks with local variables could print patient data from a dataset being processed.
     pretty_exceptions_show_locals=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+class _Console:
+    """rich's Console, made at first use: `once` and `anonymize` print to a terminal through rich, but not to
+    a log or a pipe (see _print_summary), and those runs need not import it."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+out: Console = _Console()  # type: ignore[assignment]
+err: Console = _Console(stderr=True)  # type: ignore[assignment]
+
+
+def _table(*headers: str, **kw: Any) -> Table:
+    from rich.table import Table
+
+    return Table(*headers, **kw)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -100,29 +125,45 @@ def _progress_factory(progress: Progress) -> Callable[[int], Callable[[int], Non
     return factory
 
 
-def _print_summary(summary: Summary, title: str) -> None:
-    table = Table(title=title, show_header=True, header_style="bold")
-    table.add_column("result")
-    table.add_column("count", justify="right")
-    table.add_column("detail")
+def _summary_rows(summary: Summary) -> list[tuple[str, str, str]]:
     files_out = sum(n for _, n in summary.delivered)
-    table.add_row("series delivered", str(len(summary.delivered)), f"{files_out} files")
+    rows = [("series delivered", str(len(summary.delivered)), f"{files_out} files")]
     if summary.skipped:
-        table.add_row("already delivered", str(summary.skipped), "files skipped (recorded in the journal)")
+        rows.append(("already delivered", str(summary.skipped), "files skipped (recorded in the journal)"))
     for code, count in sorted(summary.quarantined.items()):
-        table.add_row(f"quarantined: {code}", str(count), summary.reasons.get(code, ""))
-    table.add_row("stopped by the gate", str(len(summary.gated)), "; ".join(s for s, _ in summary.gated[:3]))
+        rows.append((f"quarantined: {code}", str(count), summary.reasons.get(code, "")))
+    rows.append(("stopped by the gate", str(len(summary.gated)), "; ".join(s for s, _ in summary.gated[:3])))
     for name, count in sorted(summary.sent.items()):
-        table.add_row(f"confirmed by {name}", str(count), "series ZIPs")
+        rows.append((f"confirmed by {name}", str(count), "series ZIPs"))
     for series, name, why in summary.dead:
-        table.add_row(f"dead-lettered: {name}", "1", f"series {series}: {why}")
-    out.print(table)
-    for rel, n in summary.delivered:
-        out.print(f"  {rel}  ({n} files)", highlight=False)
+        rows.append((f"dead-lettered: {name}", "1", f"series {series}: {why}"))
+    return rows
+
+
+def _print_summary(summary: Summary, title: str) -> None:
+    """A table on a terminal; plain aligned lines, one per row, for a log, a pipe or a cron mail."""
+    rows = _summary_rows(summary)
+    if sys.stdout.isatty():
+        table = _table(title=title, show_header=True, header_style="bold")
+        table.add_column("result")
+        table.add_column("count", justify="right")
+        table.add_column("detail")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        for rel, n in summary.delivered:
+            out.print(f"  {rel}  ({n} files)", highlight=False)
+        return
+    width = max(len(r[0]) for r in rows)
+    lines = [title] + [f"  {what:<{width}}  {count:>6}  {detail}".rstrip() for what, count, detail in rows]
+    lines += [f"  {rel}  ({n} files)" for rel, n in summary.delivered]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | None], Summary]) -> Summary:
-    if err.is_terminal:
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
         progress = Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -227,7 +268,7 @@ def check_config(
         out.print("destinations: none (the outbox is the destination)")
     _print_routes(cfg, routes)
     if all_rows:
-        table = Table("tag", "keyword", "action")
+        table = _table("tag", "keyword", "action")
         for tag, kw, act in rows:
             table.add_row(tag, kw, f"{act} ({names.get(act, act)})")
         out.print(table)
@@ -238,7 +279,7 @@ def _print_routes(cfg: Config, routes: RouteTable) -> None:
     from anondrop.naming import Namer
 
     if cfg.routes:
-        table = Table("route", "folder", "match", "options", "destinations", title="routes (first match wins)")
+        table = _table("route", "folder", "match", "options", "destinations", title="routes (first match wins)")
         for lane in routes.lanes:
             table.add_row(*lane.describe())
         out.print(table)
@@ -289,16 +330,16 @@ def status(
     if as_json:
         out.print_json(json_mod.dumps(info))
         return
-    table = Table("state", "series", title="series by state")
+    table = _table("state", "series", title="series by state")
     for state, count in sorted(info["series_by_state"].items()):
         table.add_row(state, str(count))
     out.print(table)
     if info["in_progress"]:
-        prog = Table("series", "state", "age", title="in progress")
+        prog = _table("series", "state", "age", title="in progress")
         for row in info["in_progress"]:
             prog.add_row(row["series"], row["state"], f"{row['age_seconds']:.0f} s")
         out.print(prog)
-    recent = Table("when (UTC)", "event", "series", "detail", title="recent events")
+    recent = _table("when (UTC)", "event", "series", "detail", title="recent events")
     for ev in info["recent_events"]:
         recent.add_row(ev["at"], ev["event"], ev["series"] or "", ev["detail"])
     out.print(recent)
@@ -311,12 +352,12 @@ def status(
 def _print_deliveries(info: dict[str, Any]) -> None:
     if not info["by_destination"]:
         return
-    table = Table("destination", "pending", "delivered", "dead", title="deliveries")
+    table = _table("destination", "pending", "delivered", "dead", title="deliveries")
     for name, states in sorted(info["by_destination"].items()):
         table.add_row(name, *(str(states.get(s, 0)) for s in ("pending", "delivered", "dead")))
     out.print(table)
     if info["dead_letters"]:
-        dead = Table("id", "destination", "series", "attempts", "last error", title="dead letters")
+        dead = _table("id", "destination", "series", "attempts", "last error", title="dead letters")
         for d in info["dead_letters"]:
             dead.add_row(str(d["id"]), d["destination"], d["series"], str(d["attempts"]), d["error"])
         out.print(dead)
@@ -341,7 +382,7 @@ def deliveries_list(
     cfg = _load(config)
     journal = Journal(cfg.paths.state / "journal.sqlite")
     try:
-        table = Table("id", "destination", "state", "attempts", "series ZIP", "last error")
+        table = _table("id", "destination", "state", "attempts", "series ZIP", "last error")
         for d in DeliveryQueue(journal).listing(state):
             table.add_row(str(d.id), d.destination, d.state, str(d.attempts), d.output, d.error or "")
     finally:
@@ -427,7 +468,7 @@ def quarantine_list(config: ConfigOpt = None) -> None:
     from anondrop.quarantine import list_entries
 
     cfg = _load(config)
-    table = Table("id", "reason", "files", "created", "message")
+    table = _table("id", "reason", "files", "created", "message")
     for entry in list_entries(cfg.paths.quarantine):
         table.add_row(entry.id, entry.reason.code, str(entry.file_count), str(entry.created),
                       entry.reason.message)
