@@ -160,6 +160,9 @@ _VRS = frozenset({
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _NOT_QUICK_TS = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflated
 _UNDEFINED = 0xFFFFFFFF
+_EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+_IMPLICIT = struct.Struct("<HHI")  # group, element, 32-bit length
+_U32 = struct.Struct("<I")
 
 
 def _quick_values(data: bytes, last: int, wanted: frozenset[int]) -> tuple[str, dict[int, str]] | None:
@@ -174,44 +177,63 @@ def _quick_values(data: bytes, last: int, wanted: frozenset[int]) -> tuple[str, 
     if len(data) < 132 or data[128:132] != b"DICM":
         return None
     whole = len(data) < _QUICK_BYTES  # the block holds the whole file
+    size = len(data)
     meta: dict[int, bytes] = {}
-    pos, size = 132, len(data)
-    implicit = False
-    meta_done = False
+    pos = 132
+    while True:  # the file meta: explicit VR little endian, group 0002
+        if pos + 8 > size:
+            return None
+        group, element, vr, length = _EXPLICIT.unpack_from(data, pos)
+        if group != 2:
+            break
+        if vr not in _VRS:
+            return None
+        start = pos + 8
+        if vr in _LONG_VRS:
+            if pos + 12 > size:
+                return None
+            (length,) = _U32.unpack_from(data, pos + 8)
+            start = pos + 12
+        end = start + length
+        if length == _UNDEFINED or end > size:
+            return None
+        meta[element] = data[start:end]
+        pos = end
+    ts = meta.get(0x0010, b"").rstrip(b"\0 ").decode("ascii", "replace")
+    if not ts or ts in _NOT_QUICK_TS:
+        return None
+    implicit = ts == _IMPLICIT_LE
     values: dict[int, str] = {}
-    while True:
+    while True:  # the dataset, up to the last wanted tag
         if pos == size and whole:
             break
         if pos + 8 > size:
             return None
-        group, element = struct.unpack_from("<HH", data, pos)
-        if not meta_done and group != 2:
-            meta_done = True
-            ts = meta.get(0x0010, b"").rstrip(b"\0 ").decode("ascii", "replace")
-            if not ts or ts in _NOT_QUICK_TS:
-                return None
-            implicit = ts == _IMPLICIT_LE
-        tag = group << 16 | element
-        if meta_done and tag > last:
-            break
-        vr = data[pos + 4 : pos + 6]
-        if (vr in _VRS) == (meta_done and implicit):
-            return None  # the file's VR encoding is not what its transfer syntax says: pydicom copes
-        if meta_done and implicit:
-            (length,), header = struct.unpack_from("<I", data, pos + 4), 8
-        elif vr in _LONG_VRS:
-            if pos + 12 > size:
-                return None
-            (length,), header = struct.unpack_from("<I", data, pos + 8), 12
+        if implicit:
+            group, element, length = _IMPLICIT.unpack_from(data, pos)
+            tag = group << 16 | element
+            if tag > last:
+                break
+            if data[pos + 4 : pos + 6] in _VRS:
+                return None  # an explicit VR in an implicit VR file: pydicom copes
+            start = pos + 8
         else:
-            (length,), header = struct.unpack_from("<H", data, pos + 6), 8
-        start = pos + header
+            group, element, vr, length = _EXPLICIT.unpack_from(data, pos)
+            tag = group << 16 | element
+            if tag > last:
+                break
+            if vr not in _VRS:
+                return None  # an implicit VR in an explicit VR file: pydicom copes
+            start = pos + 8
+            if vr in _LONG_VRS:
+                if pos + 12 > size:
+                    return None
+                (length,) = _U32.unpack_from(data, pos + 8)
+                start = pos + 12
         end = start + length
         if length == _UNDEFINED or end > size:
             return None
-        if not meta_done:
-            meta[element] = data[start:end]
-        elif tag in wanted:
+        if tag in wanted:
             raw = data[start:end]
             if not raw.isascii():
                 return None
