@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from anondrop.deid import _ps315
 from anondrop.deid.actions import CODE_TAGS, TEXT_VRS
@@ -105,7 +106,7 @@ class Policy:
             return DUMMY if mode == DUMMY else SCRUB
         return KEEP
 
-    @property
+    @cached_property
     def date_mode(self) -> str:
         """'keep' (full dates), 'shift' (modified dates) or 'remove' (basic)."""
         if self.has("retain_longitudinal_full_dates"):

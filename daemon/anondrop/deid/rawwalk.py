@@ -287,8 +287,28 @@ def _header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
     return _EXPLICIT_SHORT.pack(tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
 
+_ENCODED: dict[tuple[int, str, type, object, bool, str], bytes] = {}
+_ENCODED_MAX = 8192
+
+
 def encode(tag: int, vr: str, value: object, implicit: bool, codec: str) -> bytes:
-    """An element as pydicom writes a new DataElement(tag, vr, value) (the values the actions produce)."""
+    """An element as pydicom writes a new DataElement(tag, vr, value) (the values the actions produce).
+
+    Remembered per worker for single values: a series writes the same emptied, dummied and remapped values
+    into every file."""
+    if isinstance(value, list):
+        return _encode(tag, vr, value, implicit, codec)
+    key = (tag, vr, type(value), value, implicit, codec)  # the type too: 0 == 0.0 == False
+    found = _ENCODED.get(key)
+    if found is None:
+        found = _encode(tag, vr, value, implicit, codec)
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = found
+    return found
+
+
+def _encode(tag: int, vr: str, value: object, implicit: bool, codec: str) -> bytes:
     if value is None or value == "":
         data = b""
     elif isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -340,6 +360,7 @@ class _Walker:
         private: list[Elem] = []
         action = self.policy.action
         view = self.view
+        removed = kept = 0
         for el in elems:
             t = el.tag
             group = t >> 16
@@ -347,12 +368,24 @@ class _Walker:
                 private.append(el)
                 continue
             if t & 0xFFFF == 0 or (group & 0xFF00) in (0x5000, 0x6000):
-                self.counts["removed"] += 1
+                removed += 1
                 continue
             if group == 0x0002 or (top and t in PIXEL_TAGS):
                 out[t] = view[el.start : el.end]
                 continue
-            self.element(el, action(t), mode, top, codec, out)
+            act = action(t)
+            # element() without the call for the two commonest cases (it decides them the same way)
+            if act == REMOVE:
+                removed += 1
+            elif act == KEEP and mode != DUMMY and el.vr != "SQ":
+                kept += 1
+                out[t] = view[el.start : el.end]
+            else:
+                self.element(el, act, mode, top, codec, out)
+        if removed:
+            self.counts["removed"] += removed
+        if kept:
+            self.counts["kept"] += kept
         if private:
             self._private(private, mode, codec, out)
         return out
@@ -536,6 +569,29 @@ class _Walker:
 _COLLECT_VRS = frozenset({"PN", "UI", "DA", "DT", "SQ"})
 
 
+# What one element adds to the identifiers, by (date mode, VR, tag, action, value bytes): the files of a
+# series repeat most of their identifying elements byte for byte (the patient, the study, the institution),
+# so each is decoded and split once per worker rather than once per file. The additions are what
+# _Collector.values makes of the element, in its order; bounded, and emptied when full.
+_Additions = tuple[tuple[tuple[str, str], ...], frozenset[tuple[str, str]], frozenset[str], frozenset[str]]
+_ADDITIONS: dict[tuple[str, str, int, str | None, bytes], _Additions] = {}
+_ADDITIONS_MAX = 8192
+
+
+def _additions(policy: Policy, vr: str, t: int, act: str | None, raw: bytes) -> _Additions:
+    key = (policy.date_mode, vr, t, act, raw)
+    found = _ADDITIONS.get(key)
+    if found is None:
+        one = _Collector(policy)
+        text = _decode(raw)
+        one.values(vr, t, act, text.split("\\") if text else [])
+        found = (tuple(one.words.items()), frozenset(one.phrases), frozenset(one.dates), frozenset(one.uids))
+        if len(_ADDITIONS) >= _ADDITIONS_MAX:
+            _ADDITIONS.clear()
+        _ADDITIONS[key] = found
+    return found
+
+
 def _collect(col: _Collector, data: bytes | memoryview, elems: list[Elem], policy: Policy) -> None:
     """gate._Collector.dataset over raw elements (every value is decoded the way the fast path decodes)."""
     action = policy.action
@@ -555,8 +611,15 @@ def _collect(col: _Collector, data: bytes | memoryview, elems: list[Elem], polic
             continue  # pydicom converts these to numbers, which name nobody
         if el.undefined:
             raise Decline("an identifying element of undefined length")
-        text = _decode(bytes(data[el.vstart : el.vend]))
-        col.values(vr, t, act, text.split("\\") if text else [])
+        words, phrases, dates, uids = _additions(policy, vr, t, act, bytes(data[el.vstart : el.vend]))
+        for word, kind in words:
+            col.words.setdefault(word, kind)
+        if phrases:
+            col.phrases |= phrases
+        if dates:
+            col.dates |= dates
+        if uids:
+            col.uids |= uids
 
 
 # -- the file ---------------------------------------------------------------------------------------------
