@@ -156,7 +156,32 @@ class Identifiers:
         question is asked by shape instead: a name word or ID is a whole alphanumeric token (the same
         boundaries find() uses, ASCII case folded alike), a date one of the date-shaped runs, a UID one of
         the UID-shaped runs; only phrases (with spaces or non-ASCII letters) are searched as text.
+
+        In a long text (a whole header) each kind is first looked for as plain substrings, which is cheaper
+        than cutting the text into tokens, and only where one occurs is the exact question asked: every
+        whole token, date, UID or phrase is also a substring (ASCII case folded), so nothing is missed.
         """
+        if len(data) < _LONG_TEXT:
+            return self._contains_by_tokens(data)
+        upper = data.upper()
+        words = self._words_bytes
+        if words and _may_hold(upper, words) and not words.isdisjoint(_TOKEN.findall(upper)):
+            return True
+        date_keys = self._date_keys
+        if (
+            date_keys
+            and _may_hold(data, self._date_forms)
+            and not date_keys.isdisjoint(_DIGITS.findall(data))
+            and not self._date_forms.isdisjoint(_DATEISH.findall(data))
+        ):
+            return True
+        uids = self._uids_bytes
+        if uids and _may_hold(data, uids) and not uids.isdisjoint(_UIDISH.findall(data)):
+            return True
+        phrases = self._phrase_pattern
+        return phrases is not None and _may_hold(upper, self._phrases_upper) and phrases.search(data) is not None
+
+    def _contains_by_tokens(self, data: bytes) -> bool:
         tokens = set(_TOKEN.findall(data.upper()))
         if not self._words_bytes.isdisjoint(tokens):
             return True
@@ -175,6 +200,12 @@ class Identifiers:
             return False
         keys = self._phrase_keys
         return (keys is None or not keys.isdisjoint(tokens)) and phrases.search(data) is not None
+
+    @cached_property
+    def _phrases_upper(self) -> frozenset[bytes]:
+        """The phrase forms, ASCII upper-cased: where the phrase pattern (ASCII case-insensitive) matches,
+        one of these occurs in the upper-cased text."""
+        return frozenset(f.upper() for f in self._phrase_forms)
 
     def contains_beyond(self, data: bytes, own: Identifiers) -> bool:
         """self.minus(own).contains(data), without building the difference for every file of a series.
@@ -212,6 +243,15 @@ class Identifiers:
         if self._uids_bytes:
             out = _UIDISH.sub(lambda m: b"[REMOVED]" if m.group() in self._uids_bytes else m.group(), out)
         return out.decode("utf-8", "surrogateescape")
+
+
+_SUBSTRING_SEARCHES = 48  # beyond this many values, one pass cutting data into tokens is cheaper
+_LONG_TEXT = 512  # below this many bytes (a value, a name), cutting into tokens is cheaper than searching
+
+
+def _may_hold(data: bytes, values: frozenset[bytes]) -> bool:
+    """False only when no value occurs in data even as a substring (a cheap test before an exact one)."""
+    return len(values) > _SUBSTRING_SEARCHES or any(v in data for v in values)
 
 
 # The derived forms below are cached by value: every file of a series has its own Identifiers, but they
