@@ -17,7 +17,7 @@ import os
 from multiprocessing import forkserver, get_context
 from multiprocessing.context import ForkServerContext
 
-# What a worker runs: anondrop.pipeline (the engine, pydicom without its pixel stack: anondrop.workerboot).
+# What a worker runs: anondrop.work and the engine, on pydicom without its pixel stack (anondrop.workerboot).
 # Not `__main__` (multiprocessing's default): for a program started as a script, each worker would run the
 # script again whatever the server imported.
 PRELOAD = ["anondrop.workerboot"]
