@@ -9,11 +9,13 @@ operators, who can see the inbox anyway; the README says so).
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -82,11 +84,55 @@ class SeriesRow:
     updated: float
 
 
+class Rows:
+    """The rows a statement returned, read to the end while the connection was held."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._rows = rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._rows)
+
+
+class Connection:
+    """The journal's SQLite connection, shared by threads: `once` quarantines files from its series threads
+    while its main thread records finished series, and the daemon's courier works alongside. Every
+    statement, and every transaction as a whole (Journal.transaction), holds one lock, so a statement of
+    one thread never lands inside another thread's transaction (SQLite would refuse a second BEGIN, or
+    commit or roll back the other's write with its own)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.lock = threading.RLock()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        with self.lock:
+            return Rows(self._db.execute(sql, params).fetchall())
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
+        with self.lock:
+            self._db.executemany(sql, params)
+
+    def executescript(self, sql: str) -> None:
+        with self.lock:
+            self._db.executescript(sql)
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.db = Connection(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
@@ -95,14 +141,15 @@ class Journal:
         self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+    def transaction(self) -> Iterator[Connection]:
+        with self.db.lock:  # held to the COMMIT: other threads' statements wait (see Connection)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # -- files ---------------------------------------------------------------------------------------
     def is_delivered(self, rel: str, size: int, mtime_ns: int) -> bool:
