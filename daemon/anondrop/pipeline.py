@@ -212,6 +212,9 @@ class Workers:
             self.pool.shutdown(cancel_futures=True)
             if self._starter is not None:
                 self._starter.join()
+            # Let go of the pool: its queues' semaphores are then released here, not left for the
+            # resource tracker to find (and warn about) when the process ends.
+            self.pool = None
 
 
 def _batches(files: list[FileInfo], route: str, overrides: dict[int, tuple[str, str]]) -> Iterator[Job]:
