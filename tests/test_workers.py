@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from anondrop import lease, pipeline
+from anondrop import forkserver, lease, pipeline
 from anondrop.deid.policy import build_policy
 from anondrop.deid.pseudonyms import Keys
 from anondrop.ingest import scan
@@ -39,6 +39,25 @@ def workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         while not pool.ready():
             time.sleep(0.01)
         yield pool
+    finally:
+        pool.close()
+
+
+def test_without_a_fork_server_once_forks_its_workers_itself(
+    monkeypatch: pytest.MonkeyPatch, site: Site
+) -> None:
+    # Where the fork server cannot start (no writable temporary folder for its socket, say), `once` still
+    # runs on every core: its main process imports the engine and forks the workers.
+    monkeypatch.setattr(forkserver, "ready", lambda: False)
+    monkeypatch.setattr(pipeline, "_can_fork", lambda: True)  # as in `once`, whatever threads this test run has
+    pool = Workers(2, {"default": build_policy(options=[])}, KEYS, light=True)
+    try:
+        assert pool.pool is not None
+        assert pool.pool._mp_context.get_start_method() == "fork"  # type: ignore[attr-defined]
+        write_instances(site.inbox, dcmread(sample("CT_small.dcm")), 2)
+        files = sorted(site.inbox.rglob("*.dcm"))
+        outcomes = list(pool.map([("default", {}, [(i, str(f)) for i, f in enumerate(files)])]))
+        assert [o.index for o in outcomes] == [0, 1] and all(o.packed is not None for o in outcomes)
     finally:
         pool.close()
 

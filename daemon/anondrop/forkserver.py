@@ -34,5 +34,15 @@ def start_early() -> None:
     on another core while this process goes on (parsing its config, walking the inbox). A server started for
     nothing (a config that asks for one worker) only waits, and ends with this process."""
     if (os.cpu_count() or 1) > 1:  # as [processing] workers counts them
+        ready()
+
+
+def ready() -> bool:
+    """Whether the fork server runs, starting it if need be. False where it cannot start (it needs a Unix
+    socket in a writable temporary folder): the caller then forks its workers itself."""
+    try:
         context()
         forkserver.ensure_running()
+    except OSError:
+        return False
+    return True

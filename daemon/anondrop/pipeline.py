@@ -123,6 +123,8 @@ class Workers:
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         self._here = threading.Lock()  # one batch at a time in this process (series run on threads)
+        if light and count > 1 and not forkserver.ready():
+            light = False  # no fork server here: this process imports the engine and forks its workers
         self._works_here = count <= 1 or not light  # de-identifies in this process (until the pool is up)
         if self._works_here:
             _init_worker(policies, keys)
