@@ -47,6 +47,9 @@ def test_a_zip_in_the_inbox_is_told_by_its_first_bytes_and_a_dual_personality_fi
         zf.writestr("a.dcm", sample("CT_small.dcm").read_bytes())
     info = scan.read_info(archive, "export.dat")
     assert isinstance(info, scan.BadFile) and info.code == scan.CONTAINER
+    # The daemon tells containers apart before it reads a file: a ZIP reaching its read is not DICOM.
+    late = scan.read_info(archive, "export.dat", sniff_zip=False)
+    assert isinstance(late, scan.BadFile) and late.code == "not-dicom"
     # Inside a container, a nested archive is the unpacker's business, not a second container.
     inner = scan.read_info(archive, "x.zip!export.dat", container=tmp_path / "x.zip")
     assert isinstance(inner, scan.BadFile) and inner.code != scan.CONTAINER

@@ -345,7 +345,7 @@ class Service:
             # The same journal key as `anondrop once` uses: the member's path inside the ZIP, not just its
             # name (S1/IM1.dcm and S2/IM1.dcm are two files).
             rel = f"{container.relative_to(inbox)}!{member or path.name}"
-        item = read_info(path, rel, container, self.match_tags)
+        item = read_info(path, rel, container, self.match_tags, sniff_zip=False)  # ZIPs: see _parse_stable
         if isinstance(item, FileInfo):
             # Delivered by an earlier run (on_success = keep): it joins its series without starting it, so a
             # late file still makes a complete new version.

@@ -242,8 +242,11 @@ def _quick_values(data: bytes, last: int, wanted: frozenset[int]) -> tuple[str, 
     return meta.get(0x0002, b"").rstrip(b"\0 ").decode("ascii", "replace"), values
 
 
-def read_info(path: Path, rel: str, container: Path | None = None, extra: tuple[int, ...] = ()) -> FileInfo | BadFile:
-    """Place one file: a FileInfo, or a BadFile with the quarantine reason.
+def read_info(
+    path: Path, rel: str, container: Path | None = None, extra: tuple[int, ...] = (), *, sniff_zip: bool = True
+) -> FileInfo | BadFile:
+    """Place one file: a FileInfo, or a BadFile with the quarantine reason (or CONTAINER for a ZIP archive
+    outside a container, unless `sniff_zip` is off: the daemon tells containers apart before it reads).
 
     `extra`: tags of attributes the routes match on, read into FileInfo.attrs.
     """
@@ -256,7 +259,7 @@ def read_info(path: Path, rel: str, container: Path | None = None, extra: tuple[
             head = fh.read(_QUICK_BYTES)
     except OSError:
         head = b""  # pydicom's read below says what the problem is
-    if container is None and is_zip_head(head):
+    if sniff_zip and container is None and is_zip_head(head):
         return BadFile(path, rel, CONTAINER, "a ZIP archive in the inbox: its members are read instead")
     quick = _quick_values(head, _last_tag(extra), frozenset((*_GROUPING_TAGS, *extra))) if head else None
     if quick is not None:
