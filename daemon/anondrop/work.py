@@ -93,6 +93,8 @@ def _pack(res: Result) -> Packed:
         pos += len(part)
     if pending or not parts:
         parts.append(b"".join(pending))
+    if parts[0] == res.header:
+        parts[0] = res.header  # the same object: pickled once on the way back (the usual case, pixel data last)
     return Packed(parts, pos, crc, sha.hexdigest(), res.report, res.hits, res.identifiers, res.header, res.source)
 
 
