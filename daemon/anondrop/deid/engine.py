@@ -265,7 +265,6 @@ class _Walker:
         self.fill(ds, t)
         return ds[t]
 
-
     def element(
         self, ds: Dataset, t: int, act: str | None, mode: str, top: bool,
         raw: DataElement | RawDataElement | None = None,
@@ -354,7 +353,6 @@ class _Walker:
             elem.value = [clean(str(v)) for v in elem.value]
         else:
             elem.value = clean(str(elem.value))
-
 
     def _pseudonym(self, ds: Dataset, t: int, vr: str, raw: DataElement | RawDataElement, top: bool) -> None:
         if top:

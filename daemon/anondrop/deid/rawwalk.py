@@ -390,7 +390,6 @@ class _Walker:
             self._private(private, mode, codec, out)
         return out
 
-
     def element(self, el: Elem, act: str | None, mode: str, top: bool, codec: str, out: dict[int, Chunk]) -> None:
         t, vr = el.tag, el.vr
         if act is None:
@@ -487,7 +486,6 @@ class _Walker:
         else:
             raise Decline(f"scrubbing VR {vr}")
         self._put(el, vr, value, top, codec, out)
-
 
     def _pseudonym(self, el: Elem, vr: str, top: bool, codec: str, out: dict[int, Chunk]) -> None:
         t = el.tag
