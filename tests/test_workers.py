@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -62,6 +61,60 @@ def test_without_a_fork_server_once_forks_its_workers_itself(
         pool.close()
 
 
+def _ended(pids: list[int]) -> bool:
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(_gone(p) for p in pids)
+
+
+def test_once_takes_the_pool_started_with_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `once` starts its workers before it has read its config (anondrop.launch); they get the policies with
+    # their first batch, and de-identify as a pool made afterwards would.
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    forkserver.start_early()
+    early = forkserver._early
+    assert early is not None
+    workers = Workers(2, {"default": build_policy(options=[])}, KEYS, light=True)
+    try:
+        assert workers.pool is early.executor and forkserver._early is None
+        paths = write_instances(tmp_path, dcmread(sample("CT_small.dcm")), 3)
+        batch = ("default", {}, [(i, str(p)) for i, p in enumerate(paths)])
+        alone = Workers(1, {"default": build_policy(options=[])}, KEYS)
+        expected = [o.packed and o.packed.sha256 for o in alone.map([batch])]
+        got = list(workers.map([batch]))
+        assert [o.packed and o.packed.sha256 for o in got] == expected and all(expected)
+    finally:
+        workers.close()
+
+
+def test_a_pool_started_with_the_command_ends_when_it_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A config that asks for another number of workers gets a pool of its own; a command that stops before
+    # it has work (a config error) shuts the early one down: no idle processes are left behind.
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    forkserver.start_early()
+    early = forkserver._early
+    assert early is not None
+    early.started()
+    pids = [f.result() for f in early._warming]  # each worker's pid
+    workers = Workers(3, {"default": build_policy(options=[])}, KEYS, light=True)
+    try:
+        assert workers.pool is not early.executor
+        assert _ended(pids)
+        while not workers.ready():
+            time.sleep(0.01)
+        assert len(workers.pool._processes) == 3  # type: ignore[union-attr]
+    finally:
+        workers.close()
+    forkserver.start_early()
+    again = forkserver._early
+    assert again is not None
+    again.started()
+    pids = [f.result() for f in again._warming]
+    forkserver.discard_early()
+    assert forkserver._early is None and _ended(pids)
+
+
 def _pool_up_after(monkeypatch: pytest.MonkeyPatch, checks: int | None) -> None:
     """Make the pool look up only from the given check on (never, for None)."""
     count = iter(range(10**6))
@@ -108,13 +161,13 @@ def test_workers_get_the_policies_as_they_were_when_the_pool_was_made(
     paths = write_instances(tmp_path, dcmread(sample("CT_small.dcm")), 4)
     batch = ("default", {}, [(i, str(p)) for i, p in enumerate(paths)])
     go = threading.Event()
-    real_start = Workers._start
+    real_start = forkserver.ServerPool._start
 
-    def held_start(self: Workers, pool: ProcessPoolExecutor) -> None:
+    def held_start(self: forkserver.ServerPool) -> None:
         go.wait()
-        real_start(self, pool)
+        real_start(self)
 
-    monkeypatch.setattr(Workers, "_start", held_start)
+    monkeypatch.setattr(forkserver.ServerPool, "_start", held_start)
     workers = Workers(2, {"default": build_policy(options=[])}, KEYS)
     try:
         here = list(workers.map([batch]))  # the pool is not up: done in this process

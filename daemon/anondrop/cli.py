@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -95,13 +96,19 @@ def _lean_pydicom() -> None:
     import_pydicom()
 
 
-def _early_workers() -> None:
-    """For `once` and `anonymize`, whose main process never imports pydicom: the workers' fork server starts
-    now, if the entry point has not started it yet (anondrop.launch), and imports the engine on another core
-    while this process loads the config."""
-    from anondrop.forkserver import start_early
+@contextmanager
+def _early_workers() -> Iterator[None]:
+    """For `once` and `anonymize`, whose main process never imports pydicom: the workers' fork server and
+    pool start now, if the entry point has not started them yet (anondrop.launch), and import the engine on
+    another core while this process loads the config. A pool the command did not take (it stopped before
+    it had work) is shut down at its end."""
+    from anondrop import forkserver
 
-    start_early()
+    forkserver.start_early()
+    try:
+        yield
+    finally:
+        forkserver.discard_early()
 
 
 def _logging(verbose: bool) -> None:
@@ -182,17 +189,17 @@ def _run_with_progress(fn: Callable[[Callable[[int], Callable[[int], None]] | No
 @app.command()
 def once(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Process every series now in the inbox once, then exit."""
-    _early_workers()
-    from anondrop.batch import run_once
-    from anondrop.lease import LeaseHeld
+    with _early_workers():
+        from anondrop.batch import run_once
+        from anondrop.lease import LeaseHeld
 
-    _logging(verbose)
-    cfg = _load(config)
-    try:
-        summary = _run_with_progress(lambda p: run_once(cfg, p))
-    except LeaseHeld as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(EXIT_BUSY) from None
+        _logging(verbose)
+        cfg = _load(config)
+        try:
+            summary = _run_with_progress(lambda p: run_once(cfg, p))
+        except LeaseHeld as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(EXIT_BUSY) from None
     _print_summary(summary, "anondrop once")
     _may_exit_quickly()
     raise typer.Exit(summary.exit_code)
@@ -206,15 +213,15 @@ def anonymize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """De-identify PATH into ZIPs under --out, by the config's rules; PATH and the inbox are left untouched."""
-    _early_workers()
-    from anondrop.batch import run_anonymize
+    with _early_workers():
+        from anondrop.batch import run_anonymize
 
-    _logging(verbose)
-    cfg = _load(config)
-    if not path.exists():
-        err.print(f"[red]error:[/red] {path}: no such file or folder")
-        raise typer.Exit(EXIT_CONFIG)
-    summary = _run_with_progress(lambda p: run_anonymize(cfg, path, out_dir, p))
+        _logging(verbose)
+        cfg = _load(config)
+        if not path.exists():
+            err.print(f"[red]error:[/red] {path}: no such file or folder")
+            raise typer.Exit(EXIT_CONFIG)
+        summary = _run_with_progress(lambda p: run_anonymize(cfg, path, out_dir, p))
     _print_summary(summary, "anondrop anonymize")
     _may_exit_quickly()
     raise typer.Exit(summary.exit_code)

@@ -9,11 +9,18 @@ Two cases (see pipeline.Workers):
   of a fork could inherit a lock held by a thread that does not exist in it.
 Spawn would have each worker import pydicom and the engine itself before its first file; the fork server
 imports them once.
+
+For `once` and `anonymize` the pool itself is made as early as the server (start_early): its workers are
+forked the moment the server has imported the engine, while the main process still reads its config, and
+are up before it has a file for them. As the policies are not known yet then, a worker of the server gets
+them with each batch (see anondrop.work._process_batch_in).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import forkserver, get_context
 from multiprocessing.context import ForkServerContext
 
@@ -30,11 +37,35 @@ def context() -> ForkServerContext:
 
 
 def start_early() -> None:
-    """Start the fork server now, where workers will be wanted (more than one core): it imports the engine
-    on another core while this process goes on (parsing its config, walking the inbox). A server started for
-    nothing (a config that asks for one worker) only waits, and ends with this process."""
-    if (os.cpu_count() or 1) > 1:  # as [processing] workers counts them
-        ready()
+    """Start the fork server and a pool of one worker per core now, where workers will be wanted (more than
+    one core): the server imports the engine on another core while this process goes on (parsing its
+    config), and forks the workers as soon as it has. `pool` hands that pool over. A server and pool started
+    for nothing (a config that asks for one worker, or a wrong command line) only wait, and end with this
+    process."""
+    global _early
+    count = os.cpu_count() or 1  # as [processing] workers = 0 counts them
+    if count > 1 and _early is None and ready():
+        _early = ServerPool(count)
+
+
+def pool(count: int) -> ServerPool:
+    """A pool of `count` workers from the fork server: the one start_early made if it has as many (it is
+    then the caller's), else a new one."""
+    global _early
+    early, _early = _early, None
+    if early is not None:
+        if early.count == count:
+            return early
+        early.shutdown()
+    return ServerPool(count)
+
+
+def discard_early() -> None:
+    """Shut down the pool start_early made, if nobody has taken it (the command ended before it had work)."""
+    global _early
+    early, _early = _early, None
+    if early is not None:
+        early.shutdown()
 
 
 def ready() -> bool:
@@ -46,3 +77,50 @@ def ready() -> bool:
     except OSError:
         return False
     return True
+
+
+class ServerPool:
+    """A process pool whose `count` workers come from the fork server, all started at once.
+
+    They are started from a thread: each start waits until the server has imported the engine, which the
+    caller need not wait for.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.executor = ProcessPoolExecutor(count, mp_context=context(), initializer=_init_worker)
+        self._warming: list[Future[int]] = []
+        self._error: BaseException | None = None
+        self._starter = threading.Thread(target=self._start, name="workers", daemon=True)
+        self._starter.start()
+
+    def _start(self) -> None:
+        try:
+            for _ in range(self.count):  # the first submit starts every process
+                self._warming.append(self.executor.submit(os.getpid))
+        except BaseException as exc:  # raised where the pool is used (a pool shut down meanwhile never is)
+            self._error = exc
+
+    def ready(self) -> bool:
+        """True once every process runs."""
+        return not self._starter.is_alive() and all(f.done() for f in self._warming)
+
+    def started(self) -> ProcessPoolExecutor:
+        """The pool, once its processes have been started; raises what starting them raised."""
+        self._starter.join()
+        if self._error is not None:
+            raise self._error
+        return self.executor
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+        self._starter.join()
+
+
+def _init_worker() -> None:
+    from anondrop.work import init_server_worker
+
+    init_server_worker()
+
+
+_early: ServerPool | None = None

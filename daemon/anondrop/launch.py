@@ -1,8 +1,9 @@
 """The `anondrop` command's entry point: starts what the command will need before the CLI is imported.
 
 `once` and `anonymize` de-identify in worker processes that come from a fork server (anondrop.forkserver),
-which imports pydicom and the engine. Starting it here, before the CLI's own imports (typer, rich, the
-config's models), lets both run at the same time on two cores; the main process never imports pydicom.
+which imports pydicom and the engine. Starting it and the workers' pool here, before the CLI's own imports
+(typer, rich, the config's models), lets both run at the same time on two cores, and the workers are up
+when the main process has read its config; the main process never imports pydicom.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main() -> None:
     if _command(sys.argv[1:]) in _EARLY_WORKERS:
         from anondrop.forkserver import start_early
 
-        start_early()  # a wrong guess (a typo, --help) costs an idle process that ends with this one
+        start_early()  # a wrong guess (a typo, --help) costs idle processes that end with this one
     from anondrop.cli import main as cli_main
 
     cli_main()

@@ -25,6 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -57,8 +58,8 @@ from anondrop.work import (
     _info_batch,
     _init_pool_worker,
     _init_worker,
-    _init_worker_from,
     _process_batch,
+    _process_batch_in,
     _warm,
 )
 
@@ -108,20 +109,21 @@ class Workers:
     Where the pool's processes come from:
     - `light` (`once`, `anonymize`): this process never imports the engine (nor pydicom). The fork server
       (anondrop.forkserver), started as early as the command allows, imports it meanwhile on another core
-      and forks every worker from there. This process reads headers itself until they are up, and waits for
-      them to de-identify.
+      and forks every worker from there, usually before this process has a file for them. Until they are
+      up, this process reads headers itself, and waits for them to de-identify.
     - otherwise (the daemon): forked from this process, with the engine imported first, while it runs no
       other thread yet (the daemon makes its pool before its threads); they start at once. When threads
       already run (the daemon's pool after a reload) they come from the fork server, and this process does
       the work itself until they are up.
+    A worker forked from this process inherits the policies and keys; one from the fork server gets them
+    with each batch, pickled once here (anondrop.work._process_batch_in).
     """
 
     def __init__(self, count: int, policies: dict[str, Policy], keys: Keys, *, light: bool = False) -> None:
         self.count = count
         self.pool: ProcessPoolExecutor | None = None
-        self._warming: list[Future[None]] = []
-        self._starter: threading.Thread | None = None
-        self._start_error: BaseException | None = None
+        self._server: forkserver.ServerPool | None = None
+        self._state = b""  # policies and keys, pickled, for the fork server's workers
         self._here = threading.Lock()  # one batch at a time in this process (series run on threads)
         if light and count > 1 and not forkserver.ready():
             light = False  # no fork server here: this process imports the engine and forks its workers
@@ -135,40 +137,29 @@ class Workers:
                 initializer=_init_pool_worker,
                 initargs=(policies, keys),
             )
-            self._start(self.pool)  # the first submit forks every worker, before the pool's own threads
+            for _ in range(count):  # the first submit forks every worker, before the pool's own threads
+                self.pool.submit(_warm)
         elif count > 1:
-            self.pool = ProcessPoolExecutor(
-                count,
-                mp_context=forkserver.context(),
-                initializer=_init_worker_from,
-                initargs=(pickle.dumps((policies, keys)),),
-            )
-            # Every worker is started now rather than at the first batch, and from a thread: each start
-            # waits until the fork server has imported the engine, which the caller need not wait for.
-            self._starter = threading.Thread(target=self._start, args=(self.pool,), name="workers", daemon=True)
-            self._starter.start()
-
-    def _start(self, pool: ProcessPoolExecutor) -> None:
-        try:
-            for _ in range(self.count):
-                self._warming.append(pool.submit(_warm))
-        except BaseException as exc:  # raised where the pool is used (a pool closed meanwhile never is)
-            self._start_error = exc
+            # Pickled now: this process may de-identify with the same objects meanwhile (and cache in them).
+            self._state = pickle.dumps((policies, keys))
+            self._server = forkserver.pool(count)
+            self.pool = self._server.executor
 
     def _started(self) -> ProcessPoolExecutor:
         """The pool, once its processes have been started; raises what starting them raised."""
         assert self.pool is not None
-        if self._starter is not None:
-            self._starter.join()
-        if self._start_error is not None:
-            raise self._start_error
-        return self.pool
+        return self._server.started() if self._server is not None else self.pool
 
     def ready(self) -> bool:
         """True once every process of the pool runs (never without a pool)."""
-        if self.pool is None or (self._starter is not None and self._starter.is_alive()):
-            return False
-        return all(f.done() for f in self._warming)
+        if self._server is not None:
+            return self._server.ready()
+        return self.pool is not None
+
+    def _submit(self, pool: ProcessPoolExecutor, batch: Job) -> Future[list[FileOutcome]]:
+        if self._server is not None:
+            return pool.submit(_process_batch_in, self._state, batch)
+        return pool.submit(_process_batch, batch)
 
     def map(self, batches: Iterable[Job]) -> Iterator[FileOutcome]:
         todo = iter(batches)
@@ -184,39 +175,38 @@ class Workers:
         pool = self._started()
         window: deque[Future[list[FileOutcome]]] = deque()
         for batch in todo:
-            window.append(pool.submit(_process_batch, batch))
+            window.append(self._submit(pool, batch))
             if len(window) >= self.count * _WINDOW_PER_WORKER:
                 yield from window.popleft().result()
         while window:
             yield from window.popleft().result()
 
     def read_infos(
-        self, items: list[tuple[Path, str, Path | None]], extra: tuple[int, ...] = ()
+        self, items: Iterable[tuple[Path, str, Path | None]], extra: tuple[int, ...] = ()
     ) -> list[FileInfo | BadFile]:
-        """Read the grouping attributes (and those routes match on) of many files, on every core.
+        """Read the grouping attributes (and those routes match on) of many files, on every core, in the
+        order of `items`. Batches go to the workers as `items` come (from a walk of the inbox, say).
 
         Until the pool is up, this process reads them itself (a header costs about 0.1 ms here): a small
         inbox is read before the workers would have been ready, and a big one is not held up by them.
         """
-        jobs = [(str(p), rel, str(c) if c else None) for p, rel, c in items]
-        batches = [(extra, jobs[i : i + 64]) for i in range(0, len(jobs), 64)]
-        infos: list[FileInfo | BadFile] = []
-        done = 0
-        while done < len(batches) and not self.ready():
-            infos += _info_batch(batches[done])
-            done += 1
-        if done < len(batches):
-            infos += [info for result in self._started().map(_info_batch, batches[done:]) for info in result]
-        return infos
+        parts: list[list[FileInfo | BadFile] | Future[list[FileInfo | BadFile]]] = []
+        todo = iter(items)
+        while batch := [(str(p), rel, str(c) if c else None) for p, rel, c in islice(todo, 64)]:
+            if self.pool is not None and self.ready():
+                parts.append(self._started().submit(_info_batch, (extra, batch)))
+            else:
+                parts.append(_info_batch((extra, batch)))
+        return [info for part in parts for info in (part if isinstance(part, list) else part.result())]
 
     def close(self) -> None:
-        if self.pool is not None:
+        if self._server is not None:
+            self._server.shutdown()
+        elif self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-            if self._starter is not None:
-                self._starter.join()
-            # Let go of the pool: its queues' semaphores are then released here, not left for the
-            # resource tracker to find (and warn about) when the process ends.
-            self.pool = None
+        # Let go of the pool: its queues' semaphores are then released here, not left for the resource
+        # tracker to find (and warn about) when the process ends.
+        self.pool = self._server = None
 
 
 def _batches(files: list[FileInfo], route: str, overrides: dict[int, tuple[str, str]]) -> Iterator[Job]:
@@ -307,21 +297,22 @@ def take_inventory(
         max_total_bytes=cfg.input.max_zip_bytes,
         max_ratio=cfg.input.max_zip_ratio,
     )
-    todo: list[tuple[Path, str, Path | None]] = []
-    for root in roots:
-        if root.is_file():
-            todo.append((root, _rel(root, base), None))
-            continue
-        prefix = "" if root == base else f"{_rel(root, base)}/"
-        todo += [(path, prefix + rel, None) for path, rel in walk(root, cfg.input.ignore)]
 
-    def read(items: list[tuple[Path, str, Path | None]]) -> list[FileInfo | BadFile]:
+    def todo() -> Iterator[tuple[Path, str, Path | None]]:
+        for root in roots:
+            if root.is_file():
+                yield root, _rel(root, base), None
+                continue
+            prefix = "" if root == base else f"{_rel(root, base)}/"
+            yield from ((path, prefix + rel, None) for path, rel in walk(root, cfg.input.ignore))
+
+    def read(items: Iterable[tuple[Path, str, Path | None]]) -> list[FileInfo | BadFile]:
         return workers.read_infos(items, extra) if workers is not None else [read_info(*i, extra) for i in items]
 
     # ZIP archives are told from DICOM files as the headers are read (by their first bytes); their members
-    # are read in a second round, once they are unpacked.
+    # are read in a second round, once they are unpacked. The walk goes on while the workers read.
     members: list[tuple[Path, str, Path | None]] = []
-    for item in read(todo):
+    for item in read(todo()):
         if not (isinstance(item, BadFile) and item.code == CONTAINER):
             _place(inv, item)
             continue

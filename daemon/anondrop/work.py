@@ -32,13 +32,16 @@ if TYPE_CHECKING:
 _worker_state: tuple[dict[str, Policy], Keys] | None = None
 
 
-def _init_worker(policies: dict[str, Policy], keys: Keys) -> None:
+def _init_worker_engine() -> None:
     from anondrop.lean import import_pydicom
 
     import_pydicom()  # lean, and quiet: worker stderr is the daemon's log
     import anondrop.deid.engine  # noqa: F401
 
+
+def _init_worker(policies: dict[str, Policy], keys: Keys) -> None:
     global _worker_state
+    _init_worker_engine()
     _worker_state = (policies, keys)
 
 
@@ -149,11 +152,24 @@ def _init_pool_worker(policies: dict[str, Policy], keys: Keys) -> None:
     _init_worker(policies, keys)
 
 
-def _init_worker_from(state: bytes) -> None:
-    """_init_worker with the policies and keys pickled once, when the pool was made, rather than once per
-    worker as each starts (while this process already de-identifies with the same objects)."""
+def init_server_worker() -> None:
+    """A worker from the fork server (anondrop.forkserver): it gets the policies and keys with each batch."""
     _die_with_parent()
-    _init_worker(*pickle.loads(state))
+    _init_worker_engine()
+
+
+_state_pickled = b""
+
+
+def _process_batch_in(state: bytes, job: Job) -> list[FileOutcome]:
+    """_process_batch in a worker of the fork server, with the policies and keys it is given: pickled once
+    by the main process (as they were when it made its Workers), unpickled here when they are not the
+    previous batch's."""
+    global _worker_state, _state_pickled
+    if state != _state_pickled:
+        _worker_state = pickle.loads(state)
+        _state_pickled = state
+    return _process_batch(job)
 
 
 def _info_batch(job: tuple[tuple[int, ...], list[tuple[str, str, str | None]]]) -> list[FileInfo | BadFile]:
