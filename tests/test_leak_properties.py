@@ -28,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from anondrop.deid import _ps315
 from anondrop.deid.engine import deidentify
 from anondrop.deid.gate import GateHit, collect_identifiers, scan_dataset
+from anondrop.deid.identifiers import scan_names
 from anondrop.deid.policy import Policy, build_policy
 from anondrop.deid.pseudonyms import Keys
 from tests.phi_drop import element_bytes, find_needles, needle_pattern, walk
@@ -478,3 +479,37 @@ def test_the_series_cross_check_asks_only_for_the_other_files_identifiers(
     text = {"upper": texts[plant].upper(), "lower": texts[plant].lower(), "title": texts[plant].title()}[case]
     data = filler + (before + text + after).encode("utf-8") + filler
     assert ids.contains_beyond(data, own_ids) == ids.minus(own_ids).contains(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    names=st.lists(st.text(alphabet="AWYHOLab019._-/ é\n", max_size=40), min_size=1, max_size=30),
+    where=st.integers(min_value=0, max_value=29),
+    plant=st.sampled_from(range(7)),
+    case=st.sampled_from(["upper", "lower", "title"]),
+    before=_NEIGHBOURS,
+    after=_NEIGHBOURS,
+)
+def test_output_names_are_gated_together_as_they_would_be_one_by_one(
+    names: list[str], where: int, plant: int, case: str, before: str, after: str
+) -> None:
+    """scan_names asks all of a series' names at once before it looks at each: it must report exactly the
+    names that hold an identifier, wherever in the list and between whatever neighbours it is."""
+    ds = Dataset()
+    ds.PatientName = "HOLLOWAY^MARGARET"
+    ds.OtherPatientIDs = "MRN-0042-77"
+    ds.StudyDate = "20240311"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    ds.InstitutionName = "Klinikum Nordstadt Süd"
+    ids = collect_identifiers(ds, build_policy())
+    texts = ["HOLLOWAY", "MRN-0042-77", "2024-03-11", "1.2.826.0.1.3680043.8.498.77", "Nordstadt Süd", "AY", ""]
+    text = {"upper": texts[plant].upper(), "lower": texts[plant].lower(), "title": texts[plant].title()}[case]
+    i = where % len(names)
+    names[i] = names[i] + before + text + after
+    named = [(f"name {n}", name) for n, name in enumerate(names)]
+    one_by_one = [
+        GateHit(label, kind)
+        for label, name in named
+        for kind in list(ids.find(name.encode("utf-8", "surrogateescape")))[:1]
+    ]
+    assert scan_names(named, ids) == one_by_one

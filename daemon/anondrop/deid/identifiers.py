@@ -313,10 +313,17 @@ def scan_names(named: Iterable[tuple[str, str]], ids: Identifiers) -> list[GateH
     """Output names (ZIP path, folder names, entry names), given as (label, name); the label is reported.
 
     The label, not the name, goes into the hit: the name is what may hold the identifier.
+
+    The names are first asked as one text, a line each (a series has hundreds of entry names): a line break
+    is a boundary for every kind of identifier, as the start and end of a name are, so the whole holds one
+    wherever some name does. Only then is each name searched, for its label.
     """
+    encoded = [(label, name.encode("utf-8", "surrogateescape")) for label, name in named]
+    if not ids.contains(b"\n".join(name for _, name in encoded)):
+        return []
     hits = []
-    for label, name in named:
-        for kind in ids.find(name.encode("utf-8", "surrogateescape")):
+    for label, name in encoded:
+        for kind in ids.find(name):
             hits.append(GateHit(label, kind))
             break
     return hits
