@@ -373,7 +373,7 @@ def _makedirs(folder: Path) -> list[Path]:
 # -- rename without replacing -----------------------------------------------------------------------------
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-_WRITEBACK_BYTES = 16 * 1024 * 1024
+_WRITEBACK_BYTES = 4 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 
 
