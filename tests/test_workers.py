@@ -89,8 +89,9 @@ def test_once_takes_the_pool_started_with_the_command(monkeypatch: pytest.Monkey
 
 
 def test_a_pool_started_with_the_command_ends_when_it_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A config that asks for another number of workers gets a pool of its own; a command that stops before
-    # it has work (a config error) shuts the early one down: no idle processes are left behind.
+    # A config that asks for another number of workers gets a pool of its own, one that asks for one worker
+    # none; a command that stops before it has work (a config error) shuts the early one down: no idle
+    # processes are left behind.
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     forkserver.start_early()
     early = forkserver._early
@@ -111,6 +112,13 @@ def test_a_pool_started_with_the_command_ends_when_it_is_not_used(monkeypatch: p
     assert again is not None
     again.started()
     pids = [f.result() for f in again._warming]
+    Workers(1, {"default": build_policy(options=[])}, KEYS, light=True).close()  # `workers = 1`: no pool at all
+    assert forkserver._early is None and _ended(pids)
+    forkserver.start_early()
+    third = forkserver._early
+    assert third is not None
+    third.started()
+    pids = [f.result() for f in third._warming]
     forkserver.discard_early()
     assert forkserver._early is None and _ended(pids)
 

@@ -125,6 +125,8 @@ class Workers:
         self._server: forkserver.ServerPool | None = None
         self._state = b""  # policies and keys, pickled, for the fork server's workers
         self._here = threading.Lock()  # one batch at a time in this process (series run on threads)
+        if light and count <= 1:
+            forkserver.discard_early()  # one worker: this process does the work, the early pool is not needed
         if light and count > 1 and not forkserver.ready():
             light = False  # no fork server here: this process imports the engine and forks its workers
         self._works_here = count <= 1 or not light  # de-identifies in this process (until the pool is up)
