@@ -96,7 +96,7 @@ class ServerPool:
 
     def _start(self) -> None:
         try:
-            for _ in range(self.count):  # the first submit starts every process
+            for _ in range(self.count):  # one task per worker: each submit starts a process (they start on demand)
                 self._warming.append(self.executor.submit(os.getpid))
         except BaseException as exc:  # raised where the pool is used (a pool shut down meanwhile never is)
             self._error = exc
