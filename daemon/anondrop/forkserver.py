@@ -80,10 +80,12 @@ def ready() -> bool:
 
 
 class ServerPool:
-    """A process pool whose `count` workers come from the fork server, all started at once.
+    """A process pool of up to `count` workers from the fork server, started at once.
 
-    They are started from a thread: each start waits until the server has imported the engine, which the
-    caller need not wait for.
+    One warm-up task per worker is sent from a thread, since each start waits until the server has imported
+    the engine, which the caller need not wait for. The executor starts a process for a task only when no
+    started one is idle, so a quick warm-up may leave some to be started by the first batches (in a few
+    milliseconds: the server has imported everything by then).
     """
 
     def __init__(self, count: int) -> None:
@@ -96,13 +98,13 @@ class ServerPool:
 
     def _start(self) -> None:
         try:
-            for _ in range(self.count):  # one task per worker: each submit starts a process (they start on demand)
+            for _ in range(self.count):
                 self._warming.append(self.executor.submit(os.getpid))
         except BaseException as exc:  # raised where the pool is used (a pool shut down meanwhile never is)
             self._error = exc
 
     def ready(self) -> bool:
-        """True once every process runs."""
+        """True once the warm-up is done: the pool's processes so far run."""
         return not self._starter.is_alive() and all(f.done() for f in self._warming)
 
     def started(self) -> ProcessPoolExecutor:
