@@ -449,6 +449,12 @@ def test_the_gate_fast_check_agrees_with_the_full_search(
     assert ids.contains(data) == (next(ids.find(data), None) is not None)
 
 
+# A series' identifying values, one of each kind, for the tests of the gate's series and name checks.
+SERIES_VALUES = [("PatientName", "HOLLOWAY^MARGARET"), ("OtherPatientIDs", "MRN-0042-77"),
+                 ("StudyDate", "20240311"), ("SOPInstanceUID", "1.2.826.0.1.3680043.8.498.77"),
+                 ("InstitutionName", "Klinikum Nordstadt Süd"), ("AccessionNumber", "ACC99812")]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     mine=st.lists(st.sampled_from(range(6)), max_size=6),
@@ -464,13 +470,10 @@ def test_the_series_cross_check_asks_only_for_the_other_files_identifiers(
     """A file's output is searched for the identifiers of the rest of its series: those of the series that
     the file does not hold itself. contains_beyond answers that without building the difference, and must
     answer it exactly as the difference's contains() does."""
-    values = [("PatientName", "HOLLOWAY^MARGARET"), ("OtherPatientIDs", "MRN-0042-77"),
-              ("StudyDate", "20240311"), ("SOPInstanceUID", "1.2.826.0.1.3680043.8.498.77"),
-              ("InstitutionName", "Klinikum Nordstadt Süd"), ("AccessionNumber", "ACC99812")]
     texts = ["HOLLOWAY", "MRN-0042-77", "11.03.2024", "1.2.826.0.1.3680043.8.498.77", "Nordstadt Süd",
              "ACC99812", ""]
     series, own = Dataset(), Dataset()
-    for i, (keyword, value) in enumerate(values):
+    for i, (keyword, value) in enumerate(SERIES_VALUES):
         setattr(series, keyword, value)
         if i in mine:
             setattr(own, keyword, value)
@@ -496,11 +499,8 @@ def test_output_names_are_gated_together_as_they_would_be_one_by_one(
     """scan_names asks all of a series' names at once before it looks at each: it must report exactly the
     names that hold an identifier, wherever in the list and between whatever neighbours it is."""
     ds = Dataset()
-    ds.PatientName = "HOLLOWAY^MARGARET"
-    ds.OtherPatientIDs = "MRN-0042-77"
-    ds.StudyDate = "20240311"
-    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
-    ds.InstitutionName = "Klinikum Nordstadt Süd"
+    for keyword, value in SERIES_VALUES:
+        setattr(ds, keyword, value)
     ids = collect_identifiers(ds, build_policy())
     texts = ["HOLLOWAY", "MRN-0042-77", "2024-03-11", "1.2.826.0.1.3680043.8.498.77", "Nordstadt Süd", "AY", ""]
     text = {"upper": texts[plant].upper(), "lower": texts[plant].lower(), "title": texts[plant].title()}[case]

@@ -60,7 +60,6 @@ from anondrop.work import (
     _init_worker,
     _process_batch,
     _process_batch_in,
-    _warm,
 )
 
 # For types only: the crosswalk (and cryptography) is imported only where it is switched on; the config
@@ -139,8 +138,9 @@ class Workers:
                 initializer=_init_pool_worker,
                 initargs=(policies, keys),
             )
-            for _ in range(count):  # the first submit forks every worker, before the pool's own threads
-                self.pool.submit(_warm)
+            # A task now: a pool of forked processes forks every worker at its first submit, before its own
+            # threads start (as forkserver.ServerPool warms up with the same task).
+            self.pool.submit(os.getpid)
         elif count > 1:
             # Pickled now: this process may de-identify with the same objects meanwhile (and cache in them).
             self._state = pickle.dumps((policies, keys))
@@ -195,7 +195,7 @@ class Workers:
         parts: list[list[FileInfo | BadFile] | Future[list[FileInfo | BadFile]]] = []
         todo = iter(items)
         while batch := [(str(p), rel, str(c) if c else None) for p, rel, c in islice(todo, 64)]:
-            if self.pool is not None and self.ready():
+            if self.ready():
                 parts.append(self._started().submit(_info_batch, (extra, batch)))
             else:
                 parts.append(_info_batch((extra, batch)))

@@ -126,10 +126,6 @@ def _process_batch(job: Job) -> list[FileOutcome]:
     return out
 
 
-def _warm() -> None:
-    """Nothing: submitted once per worker so that the pool starts its processes right away."""
-
-
 def _die_with_parent() -> None:
     """End this worker when the process that made the pool ends, `kill -9` included. Workers do not notice
     it otherwise (they wait on their queue), and an orphan would live on: one forked from the main process
